@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny HF-format models built with transformers (the independent reference), tiny BPE tokenizers
+trained on a slice of the real ELTeC novels, and a hub-layout cache for offline hub tests."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+sys.path.insert(0, ROOT)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
+
+
+def hf_neox(vocab_size=1001, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+            use_parallel_residual=True, seed=0, **kw):
+    """A random transformers GPTNeoXForCausalLM (eager attention, fp32). Biases and norms are randomised too, so
+    a parity test notices a swapped bias or a LayerNorm read from the wrong place."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=num_attention_heads, intermediate_size=kw.pop("intermediate_size", 4 * hidden_size),
+                        rotary_pct=rotary_pct, use_parallel_residual=use_parallel_residual, hidden_act="gelu",
+                        max_position_embeddings=kw.pop("max_position_embeddings", 256), bos_token_id=0, eos_token_id=0,
+                        tie_word_embeddings=kw.pop("tie_word_embeddings", False), attn_implementation="eager", **kw)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A transformers-saved tiny GPT-NeoX directory (single model.safetensors)."""
+    model = hf_neox()
+    path = tmp_path / "tiny-neox"
+    model.save_pretrained(path)
+    return path, model
+
+
+def run_py(args, env=None, cwd=ROOT, timeout=600):
+    """Run a project CLI with this interpreter; returns the CompletedProcess (never raises on exit codes)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def make_hub_cache(cache_dir, repo_id, files_dir, revision="main", commit="0" * 39 + "1"):
+    """Lay out files_dir as huggingface_hub's cache has it (models--org--name/snapshots/<commit>/..., refs/<rev>),
+    so the real hub calls resolve it with HF_HUB_OFFLINE=1."""
+    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    snap = os.path.join(repo, "snapshots", commit)
+    shutil.copytree(files_dir, snap, dirs_exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", revision), "w") as f:
+        f.write(commit)
+    return snap
+
+
+ELTEC = os.path.join(SHARED, "eltec")
+
+
+def eltec_texts(lang, split="train", limit_chars=400_000):
+    """The first `limit_chars` characters of each ELTeC novel of one language and split (MANIFEST.tsv), read with
+    data.read_tei."""
+    from data import read_tei
+
+    with open(os.path.join(ELTEC, "MANIFEST.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    return [read_tei(os.path.join(ELTEC, row[0], row[2]))[:limit_chars] for row in rows if row[0] == lang and row[1] == split]
+
+
+@pytest.fixture(scope="session")
+def eltec_tokenizers(tmp_path_factory):
+    """Small byte-level BPEs trained on English and German ELTeC novels: {'eng': dir, 'deu': dir}, each directory
+    holding tokenizer.json (<|endoftext|> = id 0)."""
+    from data import train_bpe
+
+    out = {}
+    for lang, size in (("eng", 1024), ("deu", 1200)):
+        d = tmp_path_factory.mktemp(f"tok-{lang}")
+        train_bpe(eltec_texts(lang, limit_chars=100_000), size).save(str(d / "tokenizer.json"))
+        out[lang] = d
+    return out
