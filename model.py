@@ -395,7 +395,7 @@ class GPT(nn.Module):
         logits = self.embed_out(self.gpt_neox.final_layer_norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def num_params(self, non_embedding=True):
@@ -408,12 +408,14 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, T):
-        """Training FLOPs per token (forward + backward): 6N + 12*L*d*T, N counting every matmul weight (all
-        parameters but embed_in, which is a lookup), the second term for attention scores (PaLM appendix B)."""
-        N = sum(p.numel() for p in self.parameters())
-        if not self.config.tie_word_embeddings:
-            N -= self.gpt_neox.embed_in.weight.numel()
-        return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d*T, N counting every matmul
+        weight (all parameters but embed_in, a lookup), the second term the attention scores. Frozen weights
+        (requires_grad False) need no weight gradients, so they count 4 instead of 6: the embedding phase's cost."""
+        matmul = [p for name, p in self.named_parameters() if name != "gpt_neox.embed_in.weight"
+                  or self.config.tie_word_embeddings]
+        N = sum(p.numel() for p in matmul)
+        N_frozen = sum(p.numel() for p in matmul if not p.requires_grad)
+        return 6 * N - 2 * N_frozen + 12 * self.config.n_layer * self.config.n_embd * T
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):

@@ -1,0 +1,20 @@
+# The study's "Baseline CLP": Pythia-410m with CLP German embeddings, trained on the first 4 GB of German OSCAR
+# (one epoch), one phase: AdamW 3e-4, 1% warmup, cosine to 3e-5. 8 x 4 x 512 = 16,384 tokens per step.
+out_dir = "out/oscar_de_baseline"
+data_dir = "data/oscar_de"
+init_from = "out/pythia-410m-clp-german"
+block_size = 512
+batch_size = 8
+gradient_accumulation_steps = 4
+epochs = 1.0
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_frac = 0.01
+lr_schedule = "cosine"
+weight_decay = 0.1
+beta1, beta2 = 0.9, 0.95
+grad_clip = 1.0
+eval_interval = 300
+eval_iters = 50
+seed = 42
+embedding_tuning_frac = 0.0

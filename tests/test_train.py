@@ -1,0 +1,194 @@
+"""train.py on tiny models over the ELTeC novels: learning, freezing, schedules, DDP, resume, config errors."""
+
+import json
+import math
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_py
+from safetensors.torch import load_file
+
+import data
+import train
+from model import GPT, GPTConfig, UserError, save_tokenizer
+
+TINY = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2",
+        "--eval_at_start=False", "--learning_rate=3e-3", "--min_lr=3e-4", "--embedding_learning_rate=1e-2",
+        "--warmup_frac=0.1", "--embedding_warmup_frac=0.1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(eltec_tokenizers, tmp_path_factory):
+    """German token files (tokenizer: the small ELTeC BPE) and a tiny GPT-NeoX init directory with that tokenizer."""
+    from conftest import eltec_texts
+
+    root = tmp_path_factory.mktemp("train")
+    tok = eltec_tokenizers["deu"]
+    texts = root / "texts"
+    texts.mkdir()
+    for i, doc in enumerate(eltec_texts("deu", limit_chars=60_000)[:6]):
+        (texts / f"{i}.txt").write_text(doc)
+    data.prepare([str(texts / "*.txt")], str(root / "data"), str(tok), subsample_size_mb=0.25, valid_percent=20,
+                 progress=False)
+    torch.manual_seed(0)
+    vocab = data.load_meta(root / "data")["vocab_size"]
+    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, block_size=64))
+    model.save_pretrained(root / "init")
+    save_tokenizer(str(tok), str(root / "init"))
+    return root
+
+
+def args(corpus, out, *extra):
+    return [f"--data_dir={corpus / 'data'}", f"--init_from={corpus / 'init'}", f"--out_dir={out}", *TINY, *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "hf", "model.safetensors"))
+
+
+def test_loss_falls(corpus, tmp_path):
+    train.main(args(corpus, tmp_path, "--max_iters=60", "--eval_interval=30", "--eval_at_start=True"))
+    evals = [m["val_loss"] for m in metrics(tmp_path) if "val_loss" in m]
+    assert evals[0] > evals[1] > evals[2] and evals[-1] < evals[0] - 0.5, evals
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["tokens"] == 60 * 4 * 2 * 32
+
+
+def test_embedding_phase_freezes_transformer_then_everything_trains(corpus, tmp_path, monkeypatch):
+    """Stop by SIGTERM inside the embedding phase: the checkpoint's transformer is bit-identical to the start while
+    the embeddings moved; after resuming across the switch every parameter has moved; and the resumed run ends with
+    exactly the weights and log of an uninterrupted one."""
+    start = load_file(corpus / "init" / "model.safetensors")
+    run_args = args(corpus, tmp_path / "whole", "--max_iters=12", "--eval_interval=4", "--embedding_tuning_frac=0.5")
+    train.main(run_args)
+
+    batch = data.Blocks.batch
+
+    def batch_then_sigterm(self, pos, batch_size):  # a scheduler's SIGTERM arrives during step 3
+        if self.shuffle_seed is not None and pos == 3 * 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, pos, batch_size)
+
+    monkeypatch.setattr(data.Blocks, "batch", batch_then_sigterm)
+    stopped_args = [a.replace("whole", "stopped") for a in run_args]
+    with pytest.raises(SystemExit) as stop:
+        train.main(stopped_args)
+    assert stop.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr(data.Blocks, "batch", batch)
+    ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["phase"] == "embedding" and ckpt["pos"] == 4 * 8
+    embeddings = {"gpt_neox.embed_in.weight", "embed_out.weight"}
+    for name, tensor in ckpt["model"].items():
+        if name in embeddings:
+            assert not torch.equal(tensor, start[name]), f"{name} did not train in the embedding phase"
+        else:
+            assert torch.equal(tensor, start[name]), f"{name} changed while the transformer was frozen"
+    # the optimizer holds state for the embeddings only
+    assert len(ckpt["optimizer"]["state"]) == 2
+
+    train.main([*stopped_args, "--init_from=resume"])
+    end = weights(tmp_path / "stopped")
+    for name, tensor in end.items():
+        assert not torch.equal(tensor, start[name]), f"{name} never trained"
+        assert torch.equal(tensor, weights(tmp_path / "whole")[name]), f"{name} differs from the uninterrupted run"
+    assert [m["loss"] for m in metrics(tmp_path / "stopped")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+
+
+def expected_lr(step, start, steps, warmup, peak, min_lr, schedule):
+    """The documented schedule, written out independently: warmup (s+1)/(W+1), then decay, floored at min_lr."""
+    s = step - start
+    if s < warmup:
+        return max(min_lr, peak * (s + 1) / (warmup + 1))
+    p = (s - warmup) / (steps - warmup)
+    lam = {"cosine": (1 + math.cos(math.pi * p)) / 2, "linear": 1 - p, "constant": 1.0}[schedule]
+    return max(min_lr, peak * lam)
+
+
+def test_learning_rates_and_batch_sizes_per_phase(corpus, tmp_path):
+    """Variable batch size: the embedding phase is 25% of the tokens at 1 sequence per step, the rest 4 x 2; each
+    phase warms up over 20% of its own steps and decays with its own schedule."""
+    cmd = args(corpus, tmp_path, "--max_tokens=16384", "--embedding_tuning_frac=0.25", "--phase_unit=tokens",
+               "--embedding_batch_size=1", "--embedding_gradient_accumulation_steps=1", "--warmup_relative_to=phase",
+               "--embedding_warmup_frac=0.2", "--warmup_frac=0.2", "--lr_schedule=linear", "--eval_interval=1000")
+    train.main(cmd)
+    log = [m for m in metrics(tmp_path) if "lr" in m]
+    emb = [m for m in log if m["phase"] == "embedding"]
+    full = [m for m in log if m["phase"] == "full"]
+    assert len(emb) == 16384 * 0.25 / 32 == 128 and len(full) == 16384 * 0.75 / (4 * 2 * 32) == 48
+    assert all(b["tokens"] - a["tokens"] == 32 for a, b in zip(emb, emb[1:]))
+    assert all(b["tokens"] - a["tokens"] == 4 * 2 * 32 for a, b in zip(full, full[1:]))
+    for m in log:
+        i = m["step"] - 1
+        want = (expected_lr(i, 0, 128, round(0.2 * 128), 1e-2, 3e-4, "cosine") if i < 128 else
+                expected_lr(i, 128, 48, round(0.2 * 48), 3e-3, 3e-4, "linear"))
+        assert m["lr"] == pytest.approx(want, rel=1e-12), m
+    assert log[0]["lr"] < log[10]["lr"] and full[0]["lr"] < full[5]["lr"]  # both phases warm up
+
+
+def test_plan_matches_the_study(corpus):
+    """Steps mode: 10% of N steps, warmups 1% of the run; unified: one curve over both phases."""
+    cfg = train.parse_config(["config/oscar_de_embedding_tuning.py", "--max_iters=1000"])
+    emb, full = train.plan_phases(cfg, train_blocks=10**6)
+    assert (emb.start, emb.steps, emb.warmup, emb.peak_lr) == (0, 100, 10, 1e-3)
+    assert (full.start, full.steps, full.warmup, full.peak_lr) == (100, 900, 10, 3e-4)
+    assert full.lr(100, 3e-5) == 3e-5 and full.lr(102, 3e-5) == pytest.approx(3e-4 * 3 / 11)  # warms up again
+    cfg = train.parse_config(["config/oscar_de_variable_batch_size.py", "--max_iters=0", "--epochs=1.0"])
+    emb, full = train.plan_phases(cfg, train_blocks=64_000)  # 10% of 64,000 blocks at batch 1; 90% at 64
+    assert (emb.steps, emb.batch_size, full.steps, full.batch_size * full.grad_accum) == (6400, 1, 900, 64)
+    cfg = train.parse_config(["--lr_schedule=unified", "--embedding_tuning_frac=0.2", "--max_iters=100",
+                              "--learning_rate=1e-3", "--warmup_frac=0.1"])
+    emb, full = train.plan_phases(cfg, train_blocks=10**6)
+    assert emb.lr(50, 0.0) == full.lr(50, 0.0) and full.lr(20, 0.0) == pytest.approx(
+        1e-3 * (1 + math.cos(math.pi * 10 / 90)) / 2)
+
+
+def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
+    """DDP on CPU (gloo): ranks stay identical through the switch, and the run equals a single process with the same
+    global batch (the same blocks per step, the gradients averaged instead of accumulated)."""
+    common = args(corpus, tmp_path, "--max_iters=8", "--eval_interval=4", "--embedding_tuning_frac=0.5")
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                *[a.replace(str(tmp_path), str(tmp_path / "ddp")) for a in common]], env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ddp_ranks_identical"] is True
+    train.main([a.replace(str(tmp_path), str(tmp_path / "single")) for a in common])
+    ddp_w, single_w = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for name in single_w:
+        torch.testing.assert_close(ddp_w[name], single_w[name], rtol=1e-4, atol=1e-5)
+
+
+def test_export_loads_in_transformers(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train.main(args(corpus, tmp_path, "--max_iters=2", "--eval_interval=100"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("Der Bauer ging in den Wald.", return_tensors="pt").input_ids
+    ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ours(ids)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_clear_errors(corpus, tmp_path, eltec_tokenizers):
+    with pytest.raises(UserError, match="unknown config key 'embeding_tuning_frac'.*'embedding_tuning_frac'"):
+        train.main(args(corpus, tmp_path, "--embeding_tuning_frac=0.1"))
+    with pytest.raises(UserError, match="data directory not found"):
+        train.main([*args(corpus, tmp_path), f"--data_dir={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match="max_iters='ten' is a str, expected a int"):
+        train.main(args(corpus, tmp_path, "--max_iters=ten"))
+    # a model whose tokenizer is not the one the data was made with
+    other = tmp_path / "english-model"
+    GPT(GPTConfig(vocab_size=1024, n_layer=1, n_head=2, n_embd=32, intermediate_size=64)).save_pretrained(other)
+    save_tokenizer(str(eltec_tokenizers["eng"]), str(other))
+    with pytest.raises(UserError, match="different tokenizer"):
+        train.main([*args(corpus, tmp_path), f"--init_from={other}"])
+    r = run_py(["train.py", *args(corpus, tmp_path, "--lr_schedul=cosine")])
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr

@@ -1,0 +1,626 @@
+"""
+Pre-train a GPT-NeoX progressively: an optional embedding phase (transformer frozen, only the token embeddings train,
+at their own learning rate, schedule and batch size), then the full model. One process or DDP under torchrun.
+
+    python train.py config/oscar_de_embedding_tuning.py --max_iters=1000
+    torchrun --standalone --nproc_per_node=8 train.py config/oscar_de_embedding_tuning.py
+
+Config: the defaults in TrainConfig below, then each config file (python assignments) in order, then --key=value.
+"""
+
+import ast
+import difflib
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import Blocks, check_tokenizer, load_meta
+from model import (GPT, GPTConfig, UserError, atomic_path, read_json, resolve_model_dir, run_cli, save_tokenizer,
+                   tokenizer_sha256, write_json)
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out/train"
+    data_dir: str = "data/oscar_de"
+    init_from: str = "out/pythia-410m-clp-german"  # HF-format directory or hub id | 'scratch' | 'resume'
+    init_revision: str = ""  # hub revision of init_from, e.g. 'step143000'
+    eval_interval: int = 300  # optimizer steps between evaluations and checkpoints
+    eval_iters: int = 50  # validation batches per periodic evaluation (the full set is evaluated at the end)
+    eval_at_start: bool = True
+    eval_only: bool = False
+    export_hf: bool = True  # write out_dir/hf (config, safetensors, tokenizer) at the end
+    wandb_log: bool = False
+    wandb_project: str = "clp-transfer"
+    wandb_run_name: str = "run"
+    # data and length: max_iters, else max_tokens, else epochs (passes over train.bin)
+    block_size: int = 512
+    batch_size: int = 8  # sequences per micro-batch per process
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step, summed over all processes
+    max_iters: int = 0
+    max_tokens: int = 0
+    epochs: float = 1.0
+    seed: int = 42
+    # full phase (or the whole run when embedding_tuning_frac = 0)
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5  # every phase's learning rate is floored here, warmup included
+    warmup_frac: float = 0.01
+    lr_schedule: str = "cosine"  # cosine | linear | constant | unified (one warmup and one cosine over the run)
+    warmup_relative_to: str = "run"  # warmup fractions of the whole run ('run') or of their own phase ('phase')
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # embedding phase: the first embedding_tuning_frac of the run, in optimizer steps or in tokens
+    embedding_tuning_frac: float = 0.0
+    phase_unit: str = "steps"  # steps | tokens
+    embedding_learning_rate: float = 1e-3
+    embedding_warmup_frac: float = 0.01
+    embedding_lr_schedule: str = "cosine"  # cosine | linear | constant
+    embedding_batch_size: int = 0  # 0: batch_size
+    embedding_gradient_accumulation_steps: int = 0  # 0: gradient_accumulation_steps
+    freeze_transformer: bool = True  # False: the study's "accelerated start" (all weights at the embedding LR)
+    train_output_embeddings: bool = True  # embed_out trains in the embedding phase too (as in the study)
+    # model for init_from='scratch' (vocab_size 0: the data's vocabulary padded to a multiple of 128)
+    vocab_size: int = 0
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    intermediate_size: int = 0  # 0: 4 * n_embd
+    rotary_pct: float = 0.25
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32) | bfloat16 | float16 | float32
+    compile: bool = False
+    backend: str = "auto"  # DDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    ddp_timeout_s: int = 600  # a rank that waits this long for a dead peer exits with an error
+    device_peak_flops: float = 0.0  # for MFU; 0: looked up for known GPUs, none on CPU
+    max_nonfinite_steps: int = 0  # optimizer steps with a non-finite loss to skip before stopping
+
+
+PHASE_KEYS = ("learning_rate", "warmup_frac", "lr_schedule", "batch_size", "gradient_accumulation_steps")
+SCHEDULES = ("cosine", "linear", "constant")
+CHOICES = {"lr_schedule": SCHEDULES + ("unified",), "embedding_lr_schedule": SCHEDULES,
+           "phase_unit": ("steps", "tokens"), "warmup_relative_to": ("run", "phase"),
+           "dtype": ("auto", "bfloat16", "float16", "float32"), "backend": ("auto", "nccl", "gloo")}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                   "4090": 165e12, "3090": 71e12}
+
+
+# -----------------------------------------------------------------------------
+# configuration: defaults <- config files <- --key=value
+
+
+def parse_config(argv, defaults=None):
+    """TrainConfig from the command line: python config files (assignments) and --key=value overrides. An unknown
+    key is an error that names the closest known key; values must have the default's type (ints pass as floats)."""
+    cfg = TrainConfig(**(defaults or {}))
+    types = {f.name: f.type for f in fields(TrainConfig)}
+
+    def assign(key, value, where):
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            raise UserError(f"{where}: unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        want = types[key]
+        if want is float and type(value) is int:
+            value = float(value)
+        if type(value) is not want:
+            raise UserError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected a {want.__name__}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{where}: {key}={value!r}, expected one of {', '.join(CHOICES[key])}")
+        setattr(cfg, key, value)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"{arg}: expected --key=value")
+            if types.get(key) is str:
+                value = raw
+            else:
+                try:
+                    value = ast.literal_eval(raw)
+                except (ValueError, SyntaxError):
+                    value = {"true": True, "false": False}.get(raw.lower(), raw)
+            assign(key, value, arg)
+        else:
+            if not os.path.isfile(arg):
+                raise UserError(f"{arg}: config file not found" + (" (it is a directory)" if os.path.isdir(arg) else ""))
+            namespace = {}
+            try:
+                exec(compile(open(arg, encoding="utf-8").read(), arg, "exec"), {}, namespace)
+            except SyntaxError as e:
+                raise UserError(f"{arg}, line {e.lineno}: syntax error ({e.msg})") from None
+            except Exception as e:
+                raise UserError(f"{arg}: the config file raised {type(e).__name__}: {e}") from None
+            for key, value in namespace.items():
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+                    assign(key, value, arg)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the plan: phase lengths and the learning rate at every step
+
+
+@dataclass
+class Phase:
+    name: str  # 'embedding' | 'full'
+    start: int  # first optimizer step
+    steps: int
+    batch_size: int
+    grad_accum: int  # micro-batches per optimizer step, all processes together
+    peak_lr: float
+    warmup: int  # warmup steps
+    schedule: str
+    span: tuple = None  # (first step, steps) the schedule runs over: the phase itself, or the run for 'unified'
+
+    def lr(self, step, min_lr):
+        """max(min_lr, peak * lambda): linear warmup, then cosine / linear decay over the rest of the span."""
+        start, steps = self.span or (self.start, self.steps)
+        s = step - start
+        if s < self.warmup:
+            lam = (s + 1) / (self.warmup + 1)
+        else:
+            p = (s - self.warmup) / max(1, steps - self.warmup)
+            lam = {"cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p, "constant": 1.0}[self.schedule]
+        return max(min_lr, self.peak_lr * lam)
+
+
+def plan_phases(cfg, train_blocks):
+    """Split the run into the embedding phase and the full phase. With phase_unit='steps' the run is N optimizer
+    steps and the embedding phase the first ceil(frac * N); with 'tokens' the run is a token budget and the
+    embedding phase spends frac of it at its own batch size (so a small embedding batch makes many steps)."""
+    T = cfg.block_size
+    emb_bs = cfg.embedding_batch_size or cfg.batch_size
+    emb_ga = cfg.embedding_gradient_accumulation_steps or cfg.gradient_accumulation_steps
+    full_tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * T
+    emb_tokens_per_step = emb_bs * emb_ga * T
+    frac = cfg.embedding_tuning_frac
+    if not 0.0 <= frac <= 1.0:
+        raise UserError(f"embedding_tuning_frac={frac} must lie in [0, 1]")
+    budget = cfg.max_tokens or int(cfg.epochs * train_blocks * T)  # tokens
+    if cfg.phase_unit == "steps":
+        total = cfg.max_iters or max(1, budget // full_tokens_per_step)
+        emb_steps = math.ceil(frac * total)
+        full_steps = total - emb_steps
+    else:
+        if cfg.max_iters:
+            budget = cfg.max_iters * full_tokens_per_step
+        emb_steps = math.ceil(frac * budget / emb_tokens_per_step)
+        full_steps = max(0, math.ceil((budget - emb_steps * emb_tokens_per_step) / full_tokens_per_step))
+        total = emb_steps + full_steps
+    if total <= 0:
+        raise UserError("the run has no steps: set max_iters, max_tokens or epochs")
+
+    def warmup(w_frac, steps):
+        return int(round(w_frac * (steps if cfg.warmup_relative_to == "phase" else total)))
+
+    phases = []
+    if cfg.lr_schedule == "unified":  # one warmup and one cosine over the whole run, both phases at learning_rate
+        w = warmup(cfg.warmup_frac, total)
+        phases = [Phase("embedding", 0, emb_steps, emb_bs, emb_ga, cfg.learning_rate, w, "cosine", (0, total)),
+                  Phase("full", emb_steps, full_steps, cfg.batch_size, cfg.gradient_accumulation_steps,
+                        cfg.learning_rate, w, "cosine", (0, total))]
+        return [p for p in phases if p.steps > 0]
+    if emb_steps:
+        phases.append(Phase("embedding", 0, emb_steps, emb_bs, emb_ga, cfg.embedding_learning_rate,
+                            warmup(cfg.embedding_warmup_frac, emb_steps), cfg.embedding_lr_schedule))
+    if full_steps:
+        phases.append(Phase("full", emb_steps, full_steps, cfg.batch_size, cfg.gradient_accumulation_steps,
+                            cfg.learning_rate, warmup(cfg.warmup_frac, full_steps), cfg.lr_schedule))
+    return phases
+
+
+def phase_at(phases, step):
+    return next((p for p in phases if p.start <= step < p.start + p.steps), phases[-1])
+
+
+# -----------------------------------------------------------------------------
+# the model in its phase: freezing, compile, DDP
+
+
+def set_trainable(model, phase, cfg):
+    """Embedding phase with a frozen transformer: only embed_in (and embed_out) require grad, so the body gets no
+    weight gradients and no optimizer state. Full phase (or freeze_transformer=False): everything trains."""
+    frozen = phase.name == "embedding" and cfg.freeze_transformer
+    trainable = {"gpt_neox.embed_in.weight"} | ({"embed_out.weight"} if cfg.train_output_embeddings else set())
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen or name in trainable)
+
+
+def wrap(raw_model, cfg, ddp, local_rank, device_type):
+    """compile, then DDP, around the raw model in its current requires_grad state. Called again at the phase
+    switch: dynamo may reuse a graph traced with other requires_grad flags (pytorch#139476) and DDP registers only
+    the parameters that required grad when it was built, so both are rebuilt from scratch."""
+    model = raw_model
+    if cfg.compile:
+        torch._dynamo.reset()
+        model = torch.compile(raw_model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    return model
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW over every parameter: frozen ones have no grad and so get no state until they train. Weight decay on
+    matrices (embeddings included), none on biases and LayerNorms (all 1-D in GPT-NeoX)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) only set a flag: the loop finishes its step, writes a
+    checkpoint and exits. The previous handlers come back afterwards (for notebooks and tests)."""
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv=None, defaults=None):
+    with stop_on_signals() as stop_signal:
+        run(sys.argv[1:] if argv is None else argv, defaults, stop_signal)
+
+
+def run(argv, defaults, stop_signal):
+    cfg = parse_config(argv, defaults)
+    resume = cfg.init_from == "resume"
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    checkpoint = None
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise UserError(f"init_from='resume': no checkpoint at {ckpt_path}")
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"{ckpt_path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
+        saved = TrainConfig(**checkpoint["config"])
+        # a resumed run keeps its saved settings; only what the command line gives again (argv) overrides them
+        cfg = parse_config(argv, {**asdict(saved), "init_from": "resume"})
+
+    # ---- processes, device, precision
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout_s))
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        if device_type == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    for key in ("gradient_accumulation_steps", "embedding_gradient_accumulation_steps"):
+        if getattr(cfg, key) % world_size:
+            raise UserError(f"{key}={getattr(cfg, key)} is not divisible by the {world_size} processes (it counts "
+                            "micro-batches per optimizer step over all processes)")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed + rank)
+
+    # ---- data
+    meta = load_meta(cfg.data_dir)
+    train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rank,
+                        world_size)
+    val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rank, world_size)
+
+    # ---- model
+    if resume:
+        model_config = GPTConfig(**checkpoint["model_config"])
+        tokenizer_dir = checkpoint["tokenizer_dir"]
+        raw_model = GPT(model_config)
+        raw_model.load_state_dict(checkpoint["model"])
+        model_source = f"{ckpt_path} (from {checkpoint['config']['init_from']})"
+    elif cfg.init_from == "scratch":
+        tokenizer_dir = os.path.join(cfg.data_dir, meta["tokenizer_file"])  # an absolute path stays as it is
+        vocab_size = cfg.vocab_size or -(-meta["vocab_size"] // 128) * 128
+        model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                 intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
+                                 block_size=max(2048, cfg.block_size), bos_token_id=meta["eos_token_id"],
+                                 eos_token_id=meta["eos_token_id"])
+        raw_model = GPT(model_config)
+        model_source = "scratch"
+    else:
+        tokenizer_dir = resolve_model_dir(cfg.init_from, cfg.init_revision or None)
+        raw_model = GPT.from_pretrained(tokenizer_dir)
+        model_config = raw_model.config
+        model_source = cfg.init_from
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+            raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data "
+                            "was tokenized with the model's tokenizer")
+        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), model_source, cfg.data_dir)
+    if meta["vocab_size"] > model_config.vocab_size:
+        raise UserError(f"{cfg.data_dir}: vocabulary of {meta['vocab_size']} tokens, but the model "
+                        f"{model_source} has only {model_config.vocab_size} embedding rows")
+    if cfg.block_size > model_config.block_size:
+        raise UserError(f"block_size={cfg.block_size} exceeds the model's max_position_embeddings "
+                        f"{model_config.block_size}")
+    raw_model.to(device)
+
+    phases = plan_phases(cfg, train_data.n_blocks)
+    total_steps = phases[-1].start + phases[-1].steps
+    optimizer = configure_optimizer(raw_model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    step, tokens, pos, best_val = 0, 0, 0, float("inf")
+    if resume:
+        step, tokens, pos = checkpoint["step"], checkpoint["tokens"], checkpoint["pos"]
+        best_val = checkpoint.get("best_val_loss", best_val)
+        set_trainable(raw_model, phase_at(phases, step), cfg)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if master:  # the other ranks keep their seed + rank streams (nothing in training draws from them)
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if device_type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    del checkpoint
+
+    phase = phase_at(phases, step)
+    set_trainable(raw_model, phase, cfg)
+    model = wrap(raw_model, cfg, ddp, local_rank, device_type)
+    eval_model = model.module if ddp else model  # no DDP collectives during evaluation
+
+    # ---- measuring
+    peak_flops = cfg.device_peak_flops or (next((v for k, v in PEAK_BF16_FLOPS.items()
+                                                 if k in torch.cuda.get_device_name(device)), 0.0)
+                                           if device_type == "cuda" else 0.0)
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        for f in os.listdir(cfg.out_dir):  # temp files of a write that was killed
+            if f.startswith(".tmp-"):
+                os.remove(os.path.join(cfg.out_dir, f))
+        write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+        print(f"{model_source}: {raw_model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
+              f"{world_size} process(es) on {device}, {dtype}; {train_data.n_blocks} train blocks of {cfg.block_size}")
+        for p in phases:
+            print(f"  {p.name} phase: steps {p.start}..{p.start + p.steps - 1}, batch {p.batch_size} x accum "
+                  f"{p.grad_accum} x {cfg.block_size} tokens, peak lr {p.peak_lr:g}, warmup {p.warmup}, {p.schedule}")
+    wandb = None
+    if cfg.wandb_log and master:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    metrics_file = None
+    if master:  # a resumed run drops what the interrupted one logged after its checkpoint
+        kept = []
+        if resume and os.path.isfile(metrics_path):
+            with open(metrics_path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_path(metrics_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        metrics_file = open(metrics_path, "a", encoding="utf-8")
+
+    def log(record):
+        if master:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if wandb:
+                wandb.log(record, step=record["step"])
+
+    def all_mean(value):
+        if not ddp:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.item() / world_size
+
+    @torch.no_grad()
+    def evaluate(full=False):
+        """Mean validation loss: the first eval_iters batches (the same every time) or the whole file, on all
+        ranks, token-weighted and summed across them."""
+        eval_model.eval()
+        B = cfg.batch_size
+        n = val_data.n_blocks if full else min(val_data.n_blocks, cfg.eval_iters * B * world_size)
+        nll = torch.zeros(2, dtype=torch.float64, device=device)
+        for start in range(0, n, B * world_size):
+            x, y = val_data.batch(start, B)
+            keep = (start + rank * B + torch.arange(B) < n).to(device)  # the last global batch may be partial
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits, _ = eval_model(x)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(1)
+            nll[0] += loss[keep].sum()
+            nll[1] += keep.sum() * cfg.block_size
+        if ddp:
+            dist.all_reduce(nll)
+        eval_model.train()
+        return (nll[0] / nll[1]).item()
+
+    def ranks_identical(model):
+        """Every parameter equal on every rank (per-parameter sums compared exactly)."""
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return torch.equal(lo, hi)
+
+    def save_checkpoint():
+        if master:
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "model_config": asdict(model_config), "tokenizer_dir": tokenizer_dir, "config": asdict(cfg),
+                     "step": step, "phase": phase.name, "tokens": tokens, "pos": pos, "best_val_loss": best_val,
+                     "rng": rng}
+            with atomic_path(ckpt_path) as tmp:
+                with open(tmp, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        if ddp:
+            dist.barrier()
+
+    # ---- stop requests: finish the step, checkpoint, exit (all ranks together)
+    def should_stop():
+        flag = float(bool(stop_signal))
+        if ddp:
+            t = torch.tensor([flag], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = t.item()
+        return flag > 0
+
+    if cfg.eval_only or (cfg.eval_at_start and not resume):
+        val = evaluate(full=cfg.eval_only)
+        log({"step": step, "phase": phase.name, "tokens": tokens, "val_loss": val, "val_ppl": math.exp(val)})
+        if master:
+            print(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}")
+        if cfg.eval_only:
+            return
+
+    # ---- the loop
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step", mininterval=1.0)
+    nonfinite = 0
+    phase_stats = {}
+    t_phase, steps_in_phase = time.time(), 0
+    verify_grads = False
+    while step < total_steps:
+        if step >= phase.start + phase.steps:  # the switch, exactly at the boundary
+            phase = phase_at(phases, step)
+            set_trainable(raw_model, phase, cfg)
+            model = wrap(raw_model, cfg, ddp, local_rank, device_type)
+            eval_model = model.module if ddp else model
+            verify_grads = True
+            if device_type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t_phase, steps_in_phase = time.time(), 0
+        lr = phase.lr(step, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        accum = phase.grad_accum // world_size
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_data.batch(pos, phase.batch_size)
+            pos += phase.batch_size * world_size
+            if device_type == "cuda":
+                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            sync = nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        loss_value = all_mean(loss_sum.item())
+        step_tokens = phase.batch_size * phase.grad_accum * cfg.block_size
+        if not math.isfinite(loss_value):
+            nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            if nonfinite > cfg.max_nonfinite_steps:
+                raise UserError(f"non-finite training loss ({loss_value}) at step {step}; the last good checkpoint "
+                                f"is {ckpt_path}" + (" (none written yet)" if not os.path.isfile(ckpt_path) else "")
+                                + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
+            if master:
+                tqdm.write(f"step {step}: non-finite loss, step skipped ({nonfinite}/{cfg.max_nonfinite_steps})")
+            step += 1
+            tokens += step_tokens
+            continue
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], cfg.grad_clip)
+        if verify_grads:  # the first step after the switch: every parameter trains, ranks agree
+            missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, f"no gradients after the phase switch for {missing[:3]}"
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if verify_grads and ddp:
+            assert ranks_identical(raw_model), "ranks diverged after the phase switch"
+        verify_grads = False
+        if device_type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.time() - t0
+        step += 1
+        steps_in_phase += 1
+        tokens += step_tokens
+        tok_s = step_tokens / dt
+        record = {"step": step, "phase": phase.name, "tokens": tokens, "lr": lr, "loss": loss_value, "dt_s": dt,
+                  "tokens_per_s": tok_s}
+        if peak_flops:
+            record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / world_size / peak_flops
+        if device_type == "cuda":
+            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        stats = phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0})
+        stats["steps"] += 1
+        stats["tokens"] += step_tokens
+        stats["seconds"] += dt
+        if "peak_mem_mb" in record:
+            stats["peak_mem_mb"] = record["peak_mem_mb"]
+        last = step == total_steps
+        if step % cfg.eval_interval == 0 or last:
+            val = evaluate(full=last)
+            best_val = min(best_val, val)
+            record.update(val_loss=val, val_ppl=math.exp(val), val_full=last)
+            if master:
+                tqdm.write(f"step {step} ({phase.name}): train loss {loss_value:.4f}, val loss {val:.4f}, "
+                           f"ppl {math.exp(val):.2f}")
+        log(record)
+        bar.update(1)
+        bar.set_postfix(phase=phase.name, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        if step % cfg.eval_interval == 0 or last:
+            save_checkpoint()
+        if not last and should_stop():
+            save_checkpoint()
+            bar.close()
+            signum = stop_signal[0] if stop_signal else signal.SIGTERM
+            if master:
+                print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path}; continue "
+                      f"with init_from=resume", file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(128 + signum)
+    bar.close()
+
+    # ---- the end: summary and HF export
+    identical = ranks_identical(raw_model) if ddp else None
+    if master:
+        summary = {"steps": step, "tokens": tokens, "best_val_loss": best_val, "phases": phase_stats,
+                   "world_size": world_size, "ddp_ranks_identical": identical}
+        for s in phase_stats.values():
+            s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else None
+        summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        assert identical is not False, "DDP ranks ended with different weights"
+        if cfg.export_hf:
+            hf_dir = os.path.join(cfg.out_dir, "hf")
+            raw_model.save_pretrained(hf_dir)
+            if tokenizer_dir:
+                save_tokenizer(tokenizer_dir, hf_dir)
+            print(f"exported {hf_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)
