@@ -285,7 +285,14 @@ def stop_on_signals():
 
 def main(argv=None, defaults=None):
     with stop_on_signals() as stop_signal:
-        run(sys.argv[1:] if argv is None else argv, defaults, stop_signal)
+        try:
+            run(sys.argv[1:] if argv is None else argv, defaults, stop_signal)
+        except RuntimeError as e:  # a dead or hung peer: say so in one line instead of a collective's traceback
+            peer_failure = isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Timed out"))
+            if not dist.is_initialized() or not peer_failure or os.environ.get("DEBUG"):
+                raise
+            raise UserError(f"rank {dist.get_rank()}: a DDP peer died or stopped answering "
+                            f"({str(e).splitlines()[0][-160:]}); restart with init_from=resume") from None
 
 
 def run(argv, defaults, stop_signal):
@@ -538,13 +545,14 @@ def run(argv, defaults, stop_signal):
             nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
             if nonfinite > cfg.max_nonfinite_steps:
-                raise UserError(f"non-finite training loss ({loss_value}) at step {step}; the last good checkpoint "
-                                f"is {ckpt_path}" + (" (none written yet)" if not os.path.isfile(ckpt_path) else "")
+                raise UserError(f"non-finite training loss ({loss_value}) at step {step + 1}; the last good "
+                                f"checkpoint is {ckpt_path}" + ("" if os.path.isfile(ckpt_path) else " (none yet)")
                                 + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
             if master:
-                tqdm.write(f"step {step}: non-finite loss, step skipped ({nonfinite}/{cfg.max_nonfinite_steps})")
+                tqdm.write(f"step {step + 1}: non-finite loss, step skipped ({nonfinite}/{cfg.max_nonfinite_steps})")
             step += 1
             tokens += step_tokens
+            log({"step": step, "phase": phase.name, "tokens": tokens, "lr": lr, "loss": None, "skipped": True})
             continue
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny HF-format models built with transformers (the independent reference), tiny BPE tokenizers
 trained on a slice of the real ELTeC novels, and a hub-layout cache for offline hub tests."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -89,3 +90,46 @@ def eltec_tokenizers(tmp_path_factory):
         train_bpe(eltec_texts(lang, limit_chars=100_000), size).save(str(d / "tokenizer.json"))
         out[lang] = d
     return out
+
+
+TINY_TRAIN = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2",
+              "--eval_at_start=False", "--learning_rate=3e-3", "--min_lr=3e-4", "--embedding_learning_rate=1e-2",
+              "--warmup_frac=0.1", "--embedding_warmup_frac=0.1"]
+
+
+@pytest.fixture(scope="session")
+def corpus(eltec_tokenizers, tmp_path_factory):
+    """German token files (tokenizer: the small ELTeC BPE) and a tiny GPT-NeoX init directory with that tokenizer."""
+    import data
+    from model import GPT, GPTConfig, save_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    tok = eltec_tokenizers["deu"]
+    texts = root / "texts"
+    texts.mkdir()
+    for i, doc in enumerate(eltec_texts("deu", limit_chars=60_000)[:6]):
+        (texts / f"{i}.txt").write_text(doc)
+    data.prepare([str(texts / "*.txt")], str(root / "data"), str(tok), subsample_size_mb=0.25, valid_percent=20,
+                 progress=False)
+    torch.manual_seed(0)
+    vocab = data.load_meta(root / "data")["vocab_size"]
+    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, block_size=64))
+    model.save_pretrained(root / "init")
+    save_tokenizer(str(tok), str(root / "init"))
+    return root
+
+
+def train_args(corpus, out, *extra):
+    """train.py arguments for a tiny run on the corpus fixture."""
+    return [f"--data_dir={corpus / 'data'}", f"--init_from={corpus / 'init'}", f"--out_dir={out}", *TINY_TRAIN, *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "hf", "model.safetensors"))

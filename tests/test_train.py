@@ -8,50 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_py
+from conftest import metrics, run_py, train_args as args, weights
 from safetensors.torch import load_file
 
 import data
 import train
 from model import GPT, GPTConfig, UserError, save_tokenizer
-
-TINY = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2",
-        "--eval_at_start=False", "--learning_rate=3e-3", "--min_lr=3e-4", "--embedding_learning_rate=1e-2",
-        "--warmup_frac=0.1", "--embedding_warmup_frac=0.1"]
-
-
-@pytest.fixture(scope="module")
-def corpus(eltec_tokenizers, tmp_path_factory):
-    """German token files (tokenizer: the small ELTeC BPE) and a tiny GPT-NeoX init directory with that tokenizer."""
-    from conftest import eltec_texts
-
-    root = tmp_path_factory.mktemp("train")
-    tok = eltec_tokenizers["deu"]
-    texts = root / "texts"
-    texts.mkdir()
-    for i, doc in enumerate(eltec_texts("deu", limit_chars=60_000)[:6]):
-        (texts / f"{i}.txt").write_text(doc)
-    data.prepare([str(texts / "*.txt")], str(root / "data"), str(tok), subsample_size_mb=0.25, valid_percent=20,
-                 progress=False)
-    torch.manual_seed(0)
-    vocab = data.load_meta(root / "data")["vocab_size"]
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, block_size=64))
-    model.save_pretrained(root / "init")
-    save_tokenizer(str(tok), str(root / "init"))
-    return root
-
-
-def args(corpus, out, *extra):
-    return [f"--data_dir={corpus / 'data'}", f"--init_from={corpus / 'init'}", f"--out_dir={out}", *TINY, *extra]
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def weights(out):
-    return load_file(os.path.join(out, "hf", "model.safetensors"))
 
 
 def test_loss_falls(corpus, tmp_path):

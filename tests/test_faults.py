@@ -1,0 +1,160 @@
+"""Fault injection: kill -9 (also in the middle of a checkpoint write), SIGTERM under torchrun, non-finite losses and
+a hung DDP peer. A run that dies must resume from its last complete checkpoint and end exactly where an
+uninterrupted run ends."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, metrics, run_py, train_args, weights
+
+import train
+from model import GPT, UserError
+
+RUN = "import sys; import train; from model import run_cli; run_cli(train.main, sys.argv[1:])"
+
+
+def spawn(argv, prelude="", env=None):
+    """train.py in a child process, optionally with fault-injection code run first."""
+    return subprocess.Popen([sys.executable, "-c", prelude + "\n" + RUN, *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for_lines(out, n, proc, timeout=120):
+    """Block until metrics.jsonl has n lines (or the process ended)."""
+    path = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(path) and sum(1 for _ in open(path)) >= n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """An uninterrupted run: 24 steps, the first 6 in the embedding phase, a checkpoint every 3 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    argv = train_args(corpus, out, "--max_iters=24", "--eval_interval=3", "--embedding_tuning_frac=0.25")
+    proc = spawn(argv)  # in a child like the runs it is compared with: the same threads, so the same float sums
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    return argv, out
+
+
+def test_kill9_at_random_moments(reference, tmp_path):
+    argv, ref_out = reference
+    argv = [a.replace(str(ref_out), str(tmp_path)) for a in argv]
+    rng = random.Random(0)
+    kills, resumed_at = 0, []
+    for attempt in range(12):
+        ckpt = tmp_path / "ckpt.pt"
+        start = torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None  # never corrupt
+        proc = spawn(argv + (["--init_from=resume"] if start is not None else []))
+        done = sum(1 for _ in open(tmp_path / "metrics.jsonl")) if start is not None else 0
+        if start is not None:
+            resumed_at.append(start)
+        if attempt < 4 and wait_for_lines(tmp_path, done + rng.randint(1, 6), proc):
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    assert proc.returncode == 0 and kills >= 3
+    assert resumed_at and all(s % 3 == 0 for s in resumed_at)  # always at a complete checkpoint
+    assert [m["step"] for m in metrics(tmp_path) if "lr" in m] == list(range(1, 25))  # every step logged once
+    for name, tensor in weights(ref_out).items():
+        assert torch.equal(weights(tmp_path)[name], tensor), name
+
+
+def test_kill9_during_checkpoint_write(reference, tmp_path):
+    """The second checkpoint write dies half-way: ckpt.pt still holds the first, complete one."""
+    argv, ref_out = reference
+    argv = [a.replace(str(ref_out), str(tmp_path)) for a in argv]
+    die_in_second_save = (
+        "import os, signal, torch\n"
+        "real_save, calls = torch.save, []\n"
+        "def dying_save(obj, f, *a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        f.write(b'half a checkpoint' * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_save(obj, f, *a, **k)\n"
+        "torch.save = dying_save\n")
+    proc = spawn(argv, prelude=die_in_second_save)
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert leftovers, "the killed write should have left its temp file"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+    proc = spawn(argv + ["--init_from=resume"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    for name, tensor in weights(ref_out).items():
+        assert torch.equal(weights(tmp_path)[name], tensor), name
+
+
+def test_sigterm_under_torchrun_stops_every_rank_together(corpus, tmp_path):
+    argv = train_args(corpus, tmp_path, "--max_iters=400", "--eval_interval=50", "--embedding_tuning_frac=0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert wait_for_lines(tmp_path, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM at step" in err
+    stopped = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    assert stopped == metrics(tmp_path)[-1]["step"] < 400  # checkpointed at the step it stopped on
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *argv,
+                "--init_from=resume", "--max_iters=400"], env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["ddp_ranks_identical"] is True
+    assert [m["step"] for m in metrics(tmp_path) if "lr" in m] == list(range(1, 401))
+
+
+def test_nonfinite_loss(corpus, tmp_path, monkeypatch):
+    forward, calls = GPT.forward, []
+
+    def nan_on_ninth_training_call(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if targets is not None:
+            calls.append(1)
+            if len(calls) == 9:  # step 5's first micro-batch (2 per step)
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", nan_on_ninth_training_call)
+    with pytest.raises(UserError, match=r"non-finite training loss \(nan\) at step 5; the last good checkpoint"):
+        train.main(train_args(corpus, tmp_path / "stop", "--max_iters=10", "--eval_interval=2"))
+    assert torch.load(tmp_path / "stop" / "ckpt.pt", weights_only=False)["step"] == 4
+    calls.clear()
+    train.main(train_args(corpus, tmp_path / "skip", "--max_iters=10", "--eval_interval=2", "--max_nonfinite_steps=1"))
+    skipped = [m["step"] for m in metrics(tmp_path / "skip") if m.get("skipped")]
+    assert skipped == [5] and metrics(tmp_path / "skip")[-1]["step"] == 10
+
+
+def test_hung_ddp_peer_ends_the_others_within_the_timeout(corpus, tmp_path):
+    """Two ranks started by hand (as a scheduler may), one frozen by SIGSTOP: the other exits with a one-line error
+    after ddp_timeout_s instead of hanging."""
+    argv = train_args(corpus, tmp_path, "--max_iters=100000", "--eval_interval=100000", "--ddp_timeout_s=5")
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 400)}
+    ranks = [spawn(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    try:
+        assert wait_for_lines(tmp_path, 3, ranks[0])
+        ranks[1].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        _, err = ranks[0].communicate(timeout=120)
+        assert ranks[0].returncode == 1 and time.time() - t0 < 60
+        assert "a DDP peer died or stopped answering" in err and "Traceback" not in err, err[-2000:]
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
