@@ -1,11 +1,57 @@
 """
 Any corpus to token files: documents from local files, hub datasets or URLs -> train.bin / val.bin + meta.json.
+
+    python data.py --dataset_name SOURCE --tokenizer TOKENIZER --output_dir data/oscar_de \
+        --subsample_size_mb 4096 --valid_percent 10
+    python data.py --dataset_name SOURCE --output_dir DIR --train_tokenizer --vocab_size 8192 --subsample_size_mb 8
+
+A SOURCE is a local file, a directory (its readable files, recursively, sorted by path) or a glob; a hub dataset,
+hf://datasets/ORG/NAME[@REVISION]/GLOB or ORG/NAME (with --dataset_config_name CONFIG: the files below CONFIG/);
+or an http(s) URL, downloaded once into $DATA_URL_CACHE (default ~/.cache/clp-transfer/urls; append #sha256=HEX
+to have it checked). Hub files go through huggingface_hub and its cache, one file at a time. Several sources are read
+one after the other. What a document is depends on the file:
+    .txt .txt.gz                the whole file, read at once (--txt_documents line: each line; blank_line: blocks
+                                between empty lines, the layout of the original OSCAR .txt dumps)
+    .jsonl .json (.gz)          one JSON object per line, its --text_field
+    .parquet                    one row, its --text_field column (needs pyarrow, an optional dependency)
+    .xml                        one TEI novel (ELTeC), see read_tei
+Bytes that are not UTF-8 are replaced by U+FFFD, counted in meta.json and reported once per file; documents that
+are empty or only white space are skipped.
+
+The split is the study's (prepare_oscar.py, with its valid_percent bug fixed): documents in source order; the first
+ones go to train until train holds at least --subsample_size_mb MiB (2**20 bytes of UTF-8 text; the document that
+crosses the line is kept whole), the following ones to validation until it holds at least --valid_percent % of that.
+Each document is tokenized (a literal "<|endoftext|>" in it stays text) and followed by the end-of-text token,
+so the eos id marks document ends and nothing else; train.bin and val.bin hold the flat token ids
+(uint16 when every id fits, else uint32) and meta.json says how they were made. The output directory is built
+under a temporary name and appears only when complete.
 """
 
+import argparse
+import fnmatch
+import glob
+import gzip
+import hashlib
+import itertools
+import json
 import os
+import queue
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
 
-from model import UserError
+import numpy as np
+
+from model import (UserError, load_tokenizer, read_special_tokens, resolve_model_dir, run_cli, save_tokenizer,
+                   sha256_file, tokenizer_sha256, write_json)
 
 # -----------------------------------------------------------------------------
 # readers: each yields documents (strings) in source order
@@ -51,6 +97,299 @@ def read_tei(path):
     return "\n".join(lines)
 
 
+
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".xml")
+TXT_DOCUMENTS = ("file", "line", "blank_line")
+
+
+def file_type(path):
+    """The entry of SUFFIXES a file name ends with (case-insensitive), or None."""
+    name = path.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
+
+
+def _decode(raw, stats, path, line=None):
+    """UTF-8 text of one document's bytes; undecodable bytes become U+FFFD, counted in stats, reported once a file."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _undecodable(raw.decode("utf-8", "replace"), stats, path, line, f"byte {e.start} is not UTF-8")
+
+
+def _undecodable(text, stats, path, line, why):
+    stats["undecodable_documents"] = stats.get("undecodable_documents", 0) + 1
+    files = stats.setdefault("undecodable_files", [])
+    if path not in files:
+        files.append(path)
+        print(f"warning: {path}{'' if line is None else f':{line}'}: {why}; replaced by U+FFFD (reported once "
+              "per file; meta.json counts undecodable_documents)", file=sys.stderr)
+    return text
+
+
+def _field(obj, text_field, where):
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: a JSON {type(obj).__name__}, expected one JSON object per line (JSON lines)")
+    if text_field not in obj:
+        raise UserError(f"{where}: no field {text_field!r} (fields: {', '.join(map(repr, obj)) or 'none'}); "
+                        "choose one with --text_field")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_field!r} is a JSON {type(text).__name__}, expected a string")
+    return text
+
+
+def _import_pyarrow(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet files needs pyarrow, an optional dependency "
+                        "(pip install pyarrow)") from None
+    return pq
+
+
+def _read_parquet(path, text_field, stats):
+    pq = _import_pyarrow(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError types on damaged files
+        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "choose one with --text_field")
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, bytes):
+                text = _decode(text, stats, path)
+            if isinstance(text, str):
+                yield text
+
+
+def read_file(path, text_field="text", txt_documents="file", stats=None):
+    """The documents of one local file, by its type (see the top of this file), in file order. `stats` (a dict)
+    collects undecodable_documents and undecodable_files."""
+    stats = {} if stats is None else stats
+    kind = file_type(path)
+    if kind is None:
+        raise UserError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+    kind = kind.removesuffix(".gz")  # .txt or .jsonl / .json; _read_text opens .gz files with gzip
+    if txt_documents not in TXT_DOCUMENTS:
+        raise UserError(f"txt_documents={txt_documents!r}, expected one of {', '.join(TXT_DOCUMENTS)}")
+    if kind == ".xml":
+        docs = iter([read_tei(path)])
+    elif kind == ".parquet":
+        docs = _read_parquet(path, text_field, stats)
+    else:
+        docs = _read_text(path, kind, text_field, txt_documents, stats)
+    for doc in docs:
+        if doc and not doc.isspace():
+            yield doc
+
+
+def _read_text(path, kind, text_field, txt_documents, stats):
+    try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+            if kind == ".txt" and txt_documents == "file":
+                yield _decode(f.read(), stats, path)
+            elif kind == ".txt" and txt_documents == "line":
+                for n, raw in enumerate(f, 1):
+                    yield _decode(raw, stats, path, n).rstrip("\r\n")
+            elif kind == ".txt":
+                block = []
+                for n, raw in enumerate(f, 1):
+                    if raw and not raw.isspace():
+                        block.append(raw)
+                    elif block:
+                        yield _decode(b"".join(block), stats, path, n - len(block)).rstrip("\r\n")
+                        block = []
+                if block:
+                    yield _decode(b"".join(block), stats, path, n - len(block) + 1).rstrip("\r\n")
+            else:
+                for n, raw in enumerate(f, 1):
+                    if not raw or raw.isspace():
+                        continue
+                    where = f"{path}:{n}"
+                    try:
+                        obj = json.loads(_decode(raw, stats, path, n))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{where}: not valid JSON ({e.msg}); expected one JSON object per line "
+                                        "(JSON lines)") from None
+                    text = _field(obj, text_field, where)
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800" in the JSON
+                        text = _undecodable(text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+                                            stats, path, n, "a lone UTF-16 surrogate")
+                    yield text
+    except (OSError, EOFError) as e:  # unreadable, truncated or not gzip
+        raise UserError(f"{path}: cannot read ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# sources: local paths, hub datasets, URLs -> local files, fetched one at a time when the reader reaches them
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[^/]+)?$")
+HUB_METADATA = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}  # not documents
+
+
+def open_source(spec, config_name=None, revision=None):
+    """(description for meta.json, list of zero-argument functions that each return one local file's path)."""
+    spec = os.fspath(spec)
+    if spec.startswith("hf://"):
+        if not spec.startswith("hf://datasets/"):
+            raise UserError(f"{spec}: expected hf://datasets/ORG/NAME[@REVISION]/GLOB")
+        parts = spec[len("hf://datasets/"):].split("/", 2)
+        if len(parts) < 2 or not all(parts[:2]):
+            raise UserError(f"{spec}: expected hf://datasets/ORG/NAME[@REVISION]/GLOB")
+        name, _, rev = parts[1].partition("@")
+        return _hub_source(f"{parts[0]}/{name}", urllib.parse.unquote(rev) or revision,
+                           parts[2] if len(parts) > 2 else "", spec)
+    if spec.startswith(("http://", "https://")):
+        return _url_source(spec)
+    if os.path.isdir(spec):
+        files = sorted((os.path.join(root, f) for root, _, names in os.walk(spec) for f in names
+                        if file_type(f) and not f.startswith(".")), key=lambda p: os.path.relpath(p, spec))
+        if not files:
+            raise UserError(f"{spec}: directory holds no readable files (expected {', '.join(SUFFIXES)})")
+    elif os.path.isfile(spec):
+        files = [spec]
+    elif glob.has_magic(spec):
+        files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise UserError(f"{spec}: no files match")
+    elif HUB_ID.match(spec) and not spec.startswith("."):
+        repo, _, rev = spec.partition("@")
+        return _hub_source(repo, rev or revision, f"{config_name}/**" if config_name else "", spec)
+    else:
+        raise UserError(f"{spec}: no such file or directory (nor a hub dataset ORG/NAME, hf://datasets/... or URL)")
+    for f in files:
+        if not file_type(f):
+            raise UserError(f"{f}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+    return _listed({"source": spec, "files": files}, [lambda f=f: f for f in files])
+
+
+def _listed(desc, fetchers):
+    """A listed source, checked for what can fail before any download: pyarrow for parquet files."""
+    parquet = [f for f in desc["files"] if file_type(f) == ".parquet"]
+    if parquet:
+        _import_pyarrow(f"{desc['source']} ({parquet[0]})")
+    return desc, fetchers
+
+
+def _hub_source(repo_id, revision, pattern, spec):
+    """A hub dataset's files matching `pattern` (fnmatch: * also crosses /; empty: all readable files), at one
+    commit. Listed through the hub API, or from the huggingface_hub cache when offline (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import HfApi, RepoFile, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"{repo_id} (hub dataset, revision {revision or 'main'})"
+    gated = (f"{where}: gated; accept its terms on https://huggingface.co/datasets/{repo_id} and log in "
+             "(`hf auth login` or HF_TOKEN)")
+    try:
+        api = HfApi()
+        commit = api.dataset_info(repo_id, revision=revision).sha
+        names = [f.path for f in api.list_repo_tree(repo_id, recursive=True, revision=commit, repo_type="dataset")
+                 if isinstance(f, RepoFile)]
+    except GatedRepoError:
+        raise UserError(gated) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise UserError(f"{where}: not found on the Hugging Face hub ({type(e).__name__})") from None
+    except Exception as online_error:  # offline, no connection, hub down: the cache may hold it
+        try:
+            folder = snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                       allow_patterns=pattern or None, local_files_only=True)
+        except Exception:
+            raise UserError(f"{where}: the hub is unavailable ({str(online_error).splitlines()[0]}) and the "
+                            "huggingface_hub cache has no copy") from None
+        commit = os.path.basename(folder)
+        names = [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+                 for root, _, fs in os.walk(folder) for f in fs]
+    names = sorted(n for n in names if file_type(n) and os.path.basename(n) not in HUB_METADATA
+                   and (not pattern or fnmatch.fnmatchcase(n, pattern)))
+    if not names:
+        raise UserError(f"{where}: no readable files match {pattern or '*'} (expected {', '.join(SUFFIXES)})")
+
+    def fetch(name):
+        try:
+            return hf_hub_download(repo_id, name, repo_type="dataset", revision=commit)
+        except GatedRepoError:
+            raise UserError(gated) from None
+        except Exception as e:
+            raise UserError(f"{where}: cannot fetch {name} ({str(e).splitlines()[0]})") from None
+
+    desc = {"source": spec, "hub_dataset": repo_id, "revision": revision or "main", "commit": commit,
+            "files": names}
+    return _listed(desc, [lambda n=n: fetch(n) for n in names])
+
+
+def url_cache_dir():
+    """Where downloaded URLs are kept: $DATA_URL_CACHE, else ~/.cache/clp-transfer/urls."""
+    return os.environ.get("DATA_URL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clp-transfer", "urls")
+
+
+def _url_source(spec):
+    url, _, fragment = spec.partition("#")
+    expected = fragment.removeprefix("sha256=").lower() if fragment else None
+    if fragment and not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise UserError(f"{spec}: the URL fragment must be #sha256=<64 hex digits>")
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not file_type(name):
+        raise UserError(f"{spec}: unsupported file type {name!r} (expected one of {', '.join(SUFFIXES)})")
+    desc = {"source": spec, "url": url, "files": [name]}
+    _listed(desc, [])
+
+    def fetch():
+        path = os.path.join(url_cache_dir(), hashlib.sha256(url.encode()).hexdigest()[:16], name)
+        if not os.path.isfile(path):
+            _download(url, path)
+        sha = sha256_file(path)
+        if expected and sha != expected:
+            os.remove(path)  # a later run downloads it afresh
+            raise UserError(f"{url}: sha256 {sha} does not match the expected {expected}")
+        desc["sha256"] = sha
+        return path
+
+    return desc, [fetch]
+
+
+def _download(url, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out, 1 << 20)
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"{url}: download failed ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def open_sources(sources, config_name=None, revision=None):
+    """open_source for one source or a list of them; every source is listed before any is read."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise UserError("no source given")
+    return [open_source(s, config_name, revision) for s in sources]
+
+
+def documents(opened, text_field="text", txt_documents="file", stats=None):
+    for _, files in opened:
+        for fetch in files:
+            yield from read_file(fetch(), text_field, txt_documents, stats)
+
+
+def iter_documents(source, text_field="text", txt_documents="file", stats=None, config_name=None, revision=None):
+    """Documents (strings) of one source or a list of them, in source order, streamed file by file. Sources are
+    listed (and errors in them reported) when this is called; files are fetched and read as iteration reaches them."""
+    return documents(open_sources(source, config_name, revision), text_field, txt_documents, stats)
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
 def train_bpe(texts, vocab_size, special_tokens=("<|endoftext|>",), show_progress=False):
     """A byte-level BPE (GPT-2 / GPT-NeoX style, <|endoftext|> = id 0) trained on an iterator of texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -62,6 +401,243 @@ def train_bpe(texts, vocab_size, special_tokens=("<|endoftext|>",), show_progres
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def resolve_tokenizer(name, revision=None):
+    """(tokenizers.Tokenizer, local path, sha256, eos id, eos token) from a tokenizer.json file, a directory holding
+    one (or vocab.json + merges.txt), or a hub model id. The end-of-text token is the eos_token its
+    tokenizer_config.json / special_tokens_map.json name, else <|endoftext|>."""
+    if name.lower().endswith(".json") and not os.path.isfile(name):
+        raise UserError(f"{name}: tokenizer file not found")
+    path = name if os.path.isfile(name) else resolve_model_dir(name, revision, weights=False)
+    tok = load_tokenizer(path)
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a document boundary
+    eos = read_special_tokens(path).get("eos_token") if os.path.isdir(path) else "<|endoftext|>"
+    eos_id = tok.token_to_id(eos) if eos else None
+    if eos_id is None:
+        raise UserError(f"{name}: the tokenizer has no end-of-text token (no eos_token in its tokenizer_config.json "
+                        "or special_tokens_map.json, and no <|endoftext|>)")
+    return tok, path, tokenizer_sha256(path), eos_id, eos
+
+
+def token_dtype(vocab_size):
+    """uint16 when every token id (0 ... vocab_size - 1) fits, i.e. vocab_size <= 65,536; else uint32."""
+    return "uint16" if vocab_size - 1 <= np.iinfo(np.uint16).max else "uint32"
+
+
+# -----------------------------------------------------------------------------
+# the split and the token files
+
+MiB = 2**20
+
+
+def split_documents(docs, train_bytes=None, val_bytes=None):
+    """The study's split: (split, document, UTF-8 bytes) in source order. Train takes documents while it holds fewer
+    than train_bytes (so the document that crosses the line is in train, whole); validation then takes the
+    following ones while it holds fewer than val_bytes. train_bytes None: every document goes to train. Stops there;
+    a source that ends early leaves a split short, which the caller checks."""
+    docs = iter(docs)
+    for split, budget in (("train", train_bytes), ("val", val_bytes)):
+        if split == "val" and budget is None:
+            return
+        size = 0
+        while budget is None or size < budget:
+            doc = next(docs, None)
+            if doc is None:
+                return
+            n = len(doc.encode("utf-8"))
+            size += n
+            yield split, doc, n
+
+
+def batches(items, batch_bytes):
+    """(split, documents, bytes) batches of about batch_bytes of text, never mixing splits."""
+    batch, batch_split, size = [], None, 0
+    for split, doc, n in items:
+        if batch and (split != batch_split or size >= batch_bytes):
+            yield batch_split, batch, size
+            batch, size = [], 0
+        batch.append(doc)
+        batch_split, size = split, size + n
+    if batch:
+        yield batch_split, batch, size
+
+
+def prefetch(iterable, depth=2):
+    """Run `iterable` in a background thread, up to `depth` items ahead, so that reading and parsing (Python)
+    overlap with tokenizing (Rust, which releases the GIL). Exceptions arrive in the consumer."""
+    q, stop = queue.Queue(depth), threading.Event()
+
+    def run():
+        try:
+            for x in iterable:
+                q.put((True, x))
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as e:
+            q.put((False, e))
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        while True:
+            ok, x = q.get()
+            if not ok:
+                if x is not None:
+                    raise x
+                return
+            yield x
+    finally:
+        stop.set()
+        while not q.empty():  # unblock the producer so that it sees `stop`
+            q.get_nowait()
+
+
+def write_tokens(items, tok, eos_id, dtype, out_dir, batch_bytes=MiB, progress=None):
+    """Tokenize (split, document, bytes) items in batches of about batch_bytes of text with encode_batch_fast
+    (Rust, all cores) and append each document's ids, then eos_id, to out_dir/<split>.bin. Returns per-split
+    documents, bytes and tokens. `progress`: the expected bytes, True when unknown, or False."""
+    from tqdm import tqdm
+
+    counts = {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in ("train", "val")}
+    files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in counts}
+    bar = tqdm(total=progress if progress is not True else None, unit="B", unit_scale=True, unit_divisor=1024,
+               desc="tokenizing", disable=None if progress else True, file=sys.stderr)
+    start, tokens = time.time(), 0
+    try:
+        for split, docs, size in prefetch(batches(items, batch_bytes)):
+            ids = []
+            for enc in tok.encode_batch_fast(docs, add_special_tokens=False):
+                ids += enc.ids
+                ids.append(eos_id)
+            np.array(ids, dtype=dtype).tofile(files[split])
+            c = counts[split]
+            c["documents"], c["bytes"], c["tokens"] = c["documents"] + len(docs), c["bytes"] + size, c["tokens"] + len(ids)
+            tokens += len(ids)
+            bar.update(size)
+            bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9) / 1e3:.0f}k tokens/s", refresh=False)
+    finally:
+        for f in files.values():
+            f.close()
+        bar.close()
+    return counts
+
+
+def train_tokenizer_on(docs, vocab_size, out_dir, progress=False):
+    """Train a byte-level BPE on `docs` and save it as an HF tokenizer directory (tokenizer.json + configs)."""
+    tok = train_bpe(docs, vocab_size, show_progress=bool(progress) and sys.stderr.isatty())
+    if tok.get_vocab_size() < 257 + 1:
+        raise UserError(f"the trained tokenizer has only {tok.get_vocab_size()} tokens; the corpus is too small")
+    path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(path)
+    save_tokenizer(path, out_dir, {r: "<|endoftext|>" for r in ("bos_token", "eos_token", "unk_token")})
+    return path
+
+
+def prepare(sources, output_dir, tokenizer=None, *, tokenizer_revision=None, subsample_size_mb=None,
+            valid_percent=10.0, validation_sources=None, text_field="text", txt_documents="file",
+            dataset_config_name=None, dataset_revision=None, train_tokenizer=False, vocab_size=None,
+            override=False, batch_mb=1.0, progress=True):
+    """Sources -> output_dir/{train.bin, val.bin, meta.json} (and tokenizer.json with train_tokenizer). The Python
+    API under the CLI; returns the meta.json dict."""
+    # check everything that can be checked before reading any text
+    if bool(tokenizer) == bool(train_tokenizer):
+        raise UserError("give either --tokenizer (an existing tokenizer) or --train_tokenizer --vocab_size N")
+    if train_tokenizer and not (vocab_size and vocab_size > 257):
+        raise UserError(f"--train_tokenizer needs --vocab_size above 257 (the 256 bytes and <|endoftext|>), "
+                        f"got {vocab_size}")
+    if subsample_size_mb is not None and not subsample_size_mb > 0:
+        raise UserError(f"--subsample_size_mb {subsample_size_mb}: expected a size in MiB above 0")
+    if validation_sources is None:
+        if subsample_size_mb is None:
+            raise UserError("--subsample_size_mb is needed to split off validation data (the first N MiB go to "
+                            "train, the next --valid_percent % to validation), or give --validation_dataset_name")
+        if not 0 < valid_percent <= 100:
+            raise UserError(f"--valid_percent {valid_percent}: expected a percentage in (0, 100]")
+    output_dir = os.path.normpath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir}: exists and is not a directory")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not override:
+        raise UserError(f"{output_dir}: exists and is not empty; pass --override to replace it")
+    if tokenizer:
+        tok, tok_path, sha, eos_id, eos = resolve_tokenizer(tokenizer, tokenizer_revision)
+    train_opened = open_sources(sources, dataset_config_name, dataset_revision)
+    val_opened = open_sources(validation_sources, dataset_config_name, dataset_revision) if validation_sources else []
+    train_bytes = subsample_size_mb * MiB if subsample_size_mb else None
+    val_bytes = None if validation_sources else train_bytes * valid_percent / 100
+    stats = {}
+
+    def items():
+        yield from split_documents(documents(train_opened, text_field, txt_documents, stats), train_bytes, val_bytes)
+        if val_opened:
+            for doc in documents(val_opened, text_field, txt_documents, stats):
+                yield "val", doc, len(doc.encode("utf-8"))
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(output_dir)}-", dir=parent)
+    try:
+        if train_tokenizer:
+            train_docs = (doc for _, doc, _ in itertools.takewhile(lambda item: item[0] == "train", items()))
+            tok_path = train_tokenizer_on(train_docs, vocab_size, tmp, progress)
+            tok, _, sha, eos_id, eos = resolve_tokenizer(tok_path)
+            stats["undecodable_documents"] = 0  # counted again while tokenizing; the warnings are not repeated
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = token_dtype(vocab)
+        total = (train_bytes + (val_bytes or 0)) if train_bytes and not val_opened else None
+        counts = write_tokens(items(), tok, eos_id, dtype, tmp, int(batch_mb * MiB), progress and (total or True))
+        check_split_sizes(counts, train_bytes, val_bytes, sources, validation_sources)
+        meta = {
+            "dtype": dtype, "vocab_size": vocab, "eos_token_id": eos_id, "eos_token": eos,
+            "tokenizer": "tokenizer.json" if train_tokenizer else tokenizer,
+            "tokenizer_revision": tokenizer_revision, "tokenizer_sha256": sha,
+            "tokenizer_file": "tokenizer.json" if train_tokenizer else os.path.abspath(tok_path),
+            "splits": {s: {"file": f"{s}.bin", **c} for s, c in counts.items()},
+            "split_rule": {"subsample_size_mb": subsample_size_mb,
+                           "valid_percent": None if validation_sources else valid_percent,
+                           "MB": "MiB, 2**20 bytes of UTF-8 text; documents in source order, never split"},
+            "tokens": "each document's ids followed by eos_token_id; tokens counts include them",
+            "sources": {"train": [d for d, _ in train_opened], "val": [d for d, _ in val_opened] or "after train"},
+            "text_field": text_field, "txt_documents": txt_documents,
+            "undecodable_documents": stats.get("undecodable_documents", 0),
+            "undecodable_files": stats.get("undecodable_files", [])[:20],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(os.path.join(tmp, "meta.json"), meta)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); give it the mode os.mkdir would
+        if os.path.isdir(output_dir):  # --override: the old directory goes only once the new one is complete
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(output_dir)}-", dir=parent)
+            os.replace(output_dir, os.path.join(old, "d"))
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return meta
+
+
+def check_split_sizes(counts, train_bytes, val_bytes, sources, validation_sources):
+    """A source that ends before the split rule is satisfied is an error (the study's script crashed there)."""
+    train, val = counts["train"], counts["val"]
+    if not train["documents"]:
+        raise UserError(f"{_names(sources)}: no documents (empty files, or nothing but white space)")
+    if validation_sources and not val["documents"]:
+        raise UserError(f"{_names(validation_sources)}: no documents (empty files, or nothing but white space)")
+    have = (train["bytes"] + val["bytes"]) / MiB
+    if train_bytes and train["bytes"] < train_bytes or val_bytes and val["bytes"] < val_bytes:
+        pct = val_bytes / train_bytes if val_bytes else 0
+        raise UserError(f"{_names(sources)}: {train['documents'] + val['documents']} documents, {have:.2f} MiB; the "
+                        f"split rule needs {train_bytes / MiB:g} MiB for train"
+                        + (f" and {val_bytes / MiB:g} MiB more for validation" if val_bytes else "")
+                        + f"; lower --subsample_size_mb (at most about {have / (1 + pct) * 0.98:.3g})")
+
+
+def _names(sources):
+    return sources if isinstance(sources, (str, os.PathLike)) else ", ".join(map(str, sources))
 
 
 # -----------------------------------------------------------------------------
@@ -157,3 +733,56 @@ class Blocks:
         rows = np.stack([data[i * T: i * T + T + 1] for i in self.block_ids(pos, batch_size)]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset_name", nargs="+", required=True, metavar="SOURCE",
+                   help="file, directory, glob, hub dataset (ORG/NAME or hf://datasets/ORG/NAME[@REV]/GLOB) or "
+                        "http(s) URL[#sha256=HEX]; several are read in order")
+    p.add_argument("--dataset_config_name", help="hub dataset ORG/NAME: read the files below CONFIG/")
+    p.add_argument("--dataset_revision", help="hub dataset branch, tag or commit (default main)")
+    p.add_argument("--validation_dataset_name", nargs="+", metavar="SOURCE",
+                   help="a separate validation source (all of it); then --valid_percent is not used")
+    p.add_argument("--tokenizer", help="tokenizer.json, a directory holding one (or vocab.json + merges.txt), or a "
+                                       "hub model id")
+    p.add_argument("--tokenizer_revision", help="hub revision of --tokenizer")
+    p.add_argument("--output_dir", required=True, help="gets train.bin, val.bin, meta.json (and tokenizer.json)")
+    p.add_argument("--subsample_size_mb", type=float,
+                   help="train = the first documents up to this many MiB (2**20 bytes of UTF-8 text)")
+    p.add_argument("--valid_percent", type=float, default=10.0,
+                   help="validation = the next documents up to this percentage of --subsample_size_mb (default 10)")
+    p.add_argument("--text_field", default="text", help="JSON field / parquet column holding the text (default text)")
+    p.add_argument("--txt_documents", choices=TXT_DOCUMENTS, default="file",
+                   help=".txt files: one document per file (default), per line, or per blank-line-separated block")
+    p.add_argument("--num_workers", type=int,
+                   help="tokenizer threads (default: all cores; sets RAYON_NUM_THREADS)")
+    p.add_argument("--train_tokenizer", action="store_true", help="train a byte-level BPE on the train split first")
+    p.add_argument("--vocab_size", type=int, help="with --train_tokenizer: its vocabulary size")
+    p.add_argument("--batch_mb", type=float, default=1.0, help="MiB of text per encode_batch call (default 1)")
+    p.add_argument("--override", action="store_true", help="replace a non-empty --output_dir")
+    args = p.parse_args(argv)
+    if args.num_workers:  # read by the tokenizers thread pool when it starts, which is after this
+        os.environ["RAYON_NUM_THREADS"] = str(args.num_workers)
+    start = time.time()
+    meta = prepare(args.dataset_name, args.output_dir, args.tokenizer, tokenizer_revision=args.tokenizer_revision,
+                   subsample_size_mb=args.subsample_size_mb, valid_percent=args.valid_percent,
+                   validation_sources=args.validation_dataset_name, text_field=args.text_field,
+                   txt_documents=args.txt_documents, dataset_config_name=args.dataset_config_name,
+                   dataset_revision=args.dataset_revision, train_tokenizer=args.train_tokenizer,
+                   vocab_size=args.vocab_size, override=args.override, batch_mb=args.batch_mb)
+    took = time.time() - start
+    s = meta["splits"]
+    print(f"{args.output_dir}: train {s['train']['documents']} documents, {s['train']['tokens']:,} tokens; "
+          f"val {s['val']['documents']} documents, {s['val']['tokens']:,} tokens ({meta['dtype']}); "
+          f"{(s['train']['bytes'] + s['val']['bytes']) / MiB / took:.1f} MiB/s, "
+          f"{(s['train']['tokens'] + s['val']['tokens']) / took / 1e3:.0f}k tokens/s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -10,7 +10,6 @@ project shares: hub resolution, tokenizer files, atomic writes and the one-line 
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -49,6 +48,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)  # mkstemp creates the file private (0600); give it the mode a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,7 +100,8 @@ def resolve_model_dir(name_or_path, revision=None, weights=True):
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UserError(f"{name_or_path}: no such directory")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     def download(patterns):
         try:
@@ -455,6 +458,10 @@ class GPT(nn.Module):
         state = load_state_dict(path)
         if dtype == "auto":
             dtype = next(iter(state.values())).dtype if state else torch.float32
+        elif isinstance(dtype, str):  # "bfloat16", "float16", ...
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise UserError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16, or 'auto')")
+            dtype = getattr(torch, dtype)
         with torch.device("meta"):
             model = cls(config)
         check_state_dict(model, state, path)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
-from model import (GPT, GPTConfig, UserError, atomic_path, read_json, resolve_model_dir, run_cli, save_tokenizer,
+from model import (GPT, GPTConfig, UserError, atomic_path, resolve_model_dir, run_cli, save_tokenizer,
                    tokenizer_sha256, write_json)
 
 
@@ -113,7 +113,8 @@ def parse_config(argv, defaults=None):
     def assign(key, value, where):
         if key not in types:
             close = difflib.get_close_matches(key, types, n=1)
-            raise UserError(f"{where}: unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{where}: unknown config key {key!r}{hint}")
         want = types[key]
         if want is float and type(value) is int:
             value = float(value)
@@ -138,7 +139,8 @@ def parse_config(argv, defaults=None):
             assign(key, value, arg)
         else:
             if not os.path.isfile(arg):
-                raise UserError(f"{arg}: config file not found" + (" (it is a directory)" if os.path.isdir(arg) else ""))
+                what = "is a directory, not a config file" if os.path.isdir(arg) else "config file not found"
+                raise UserError(f"{arg}: {what}")
             namespace = {}
             try:
                 exec(compile(open(arg, encoding="utf-8").read(), arg, "exec"), {}, namespace)
@@ -223,6 +225,10 @@ def plan_phases(cfg, train_blocks):
         phases.append(Phase("full", emb_steps, full_steps, cfg.batch_size, cfg.gradient_accumulation_steps,
                             cfg.learning_rate, warmup(cfg.warmup_frac, full_steps), cfg.lr_schedule))
     return phases
+
+
+def perplexity(loss):
+    return math.exp(loss) if loss < 700 else float("inf")  # a diverged or badly initialised model: no overflow
 
 
 def phase_at(phases, step):
@@ -355,7 +361,7 @@ def run(argv, defaults, stop_signal):
         vocab_size = cfg.vocab_size or -(-meta["vocab_size"] // 128) * 128
         model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
-                                 block_size=max(2048, cfg.block_size), bos_token_id=meta["eos_token_id"],
+                                 block_size=cfg.block_size, bos_token_id=meta["eos_token_id"],
                                  eos_token_id=meta["eos_token_id"])
         raw_model = GPT(model_config)
         model_source = "scratch"
@@ -442,13 +448,16 @@ def run(argv, defaults, stop_signal):
         dist.all_reduce(t)
         return t.item() / world_size
 
+    def eval_blocks():
+        return min(val_data.n_blocks, cfg.eval_iters * cfg.batch_size * world_size)
+
     @torch.no_grad()
     def evaluate(full=False):
         """Mean validation loss: the first eval_iters batches (the same every time) or the whole file, on all
         ranks, token-weighted and summed across them."""
         eval_model.eval()
         B = cfg.batch_size
-        n = val_data.n_blocks if full else min(val_data.n_blocks, cfg.eval_iters * B * world_size)
+        n = val_data.n_blocks if full else eval_blocks()
         nll = torch.zeros(2, dtype=torch.float64, device=device)
         for start in range(0, n, B * world_size):
             x, y = val_data.batch(start, B)
@@ -474,9 +483,11 @@ def run(argv, defaults, stop_signal):
 
     def save_checkpoint():
         if master:
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "model_config": asdict(model_config), "tokenizer_dir": tokenizer_dir, "config": asdict(cfg),
+            rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "model_config": asdict(model_config),
+                     "tokenizer_dir": tokenizer_dir, "config": asdict(cfg),
                      "step": step, "phase": phase.name, "tokens": tokens, "pos": pos, "best_val_loss": best_val,
                      "rng": rng}
             with atomic_path(ckpt_path) as tmp:
@@ -498,9 +509,9 @@ def run(argv, defaults, stop_signal):
 
     if cfg.eval_only or (cfg.eval_at_start and not resume):
         val = evaluate(full=cfg.eval_only)
-        log({"step": step, "phase": phase.name, "tokens": tokens, "val_loss": val, "val_ppl": math.exp(val)})
+        log({"step": step, "phase": phase.name, "tokens": tokens, "val_loss": val, "val_ppl": perplexity(val)})
         if master:
-            print(f"step {step}: val loss {val:.4f}, ppl {math.exp(val):.2f}")
+            print(f"step {step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
         if cfg.eval_only:
             return
 
@@ -509,8 +520,8 @@ def run(argv, defaults, stop_signal):
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step", mininterval=1.0)
     nonfinite = 0
     phase_stats = {}
-    t_phase, steps_in_phase = time.time(), 0
     verify_grads = False
+    record = {}
     while step < total_steps:
         if step >= phase.start + phase.steps:  # the switch, exactly at the boundary
             phase = phase_at(phases, step)
@@ -520,7 +531,6 @@ def run(argv, defaults, stop_signal):
             verify_grads = True
             if device_type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            t_phase, steps_in_phase = time.time(), 0
         lr = phase.lr(step, cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -570,7 +580,6 @@ def run(argv, defaults, stop_signal):
             torch.cuda.synchronize(device)
         dt = time.time() - t0
         step += 1
-        steps_in_phase += 1
         tokens += step_tokens
         tok_s = step_tokens / dt
         record = {"step": step, "phase": phase.name, "tokens": tokens, "lr": lr, "loss": loss_value, "dt_s": dt,
@@ -587,12 +596,15 @@ def run(argv, defaults, stop_signal):
             stats["peak_mem_mb"] = record["peak_mem_mb"]
         last = step == total_steps
         if step % cfg.eval_interval == 0 or last:
-            val = evaluate(full=last)
+            val = evaluate()
             best_val = min(best_val, val)
-            record.update(val_loss=val, val_ppl=math.exp(val), val_full=last)
+            record.update(val_loss=val, val_ppl=perplexity(val))
+            if last:  # the whole validation file too (the periodic evaluations read the same first batches)
+                full = val if eval_blocks() == val_data.n_blocks else evaluate(full=True)
+                record.update(val_full_loss=full, val_full_ppl=perplexity(full))
             if master:
                 tqdm.write(f"step {step} ({phase.name}): train loss {loss_value:.4f}, val loss {val:.4f}, "
-                           f"ppl {math.exp(val):.2f}")
+                           f"ppl {perplexity(val):.2f}" + (f"; whole validation set {full:.4f}" if last else ""))
         log(record)
         bar.update(1)
         bar.set_postfix(phase=phase.name, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
@@ -613,7 +625,8 @@ def run(argv, defaults, stop_signal):
     # ---- the end: summary and HF export
     identical = ranks_identical(raw_model) if ddp else None
     if master:
-        summary = {"steps": step, "tokens": tokens, "best_val_loss": best_val, "phases": phase_stats,
+        summary = {"steps": step, "tokens": tokens, "best_val_loss": best_val, "final_val_loss": record.get("val_loss"),
+                   "final_val_full_loss": record.get("val_full_loss"), "phases": phase_stats,
                    "world_size": world_size, "ddp_ranks_identical": identical}
         for s in phase_stats.values():
             s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else None

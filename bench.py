@@ -1,0 +1,421 @@
+"""
+make bench: what each piece costs, measured side by side with what users would run instead, in one run on this
+machine. Prints a table and writes out/bench/bench.json (ratios > 1: ours faster / leaner, as each key says).
+
+    train_vs_hf_tokens_per_s     train.py's training step against transformers' GPTNeoXForCausalLM with a plain AdamW
+                                 loop (same model, batch, sequence length, dtype, optimizer), CPU fp32 and bf16
+    embedding_vs_full_*          one optimizer step of the embedding phase (transformer frozen) against one of the
+                                 full phase at a Pythia-160m shape, beside what their FLOPs and bytes predict
+    clp_speedup_vs_loop          clp.py against the original per-token loop (re-implemented here, timed on a subset
+                                 and scaled linearly) at 50k vocabulary, half shared, width 1024
+    data_vs_tokenizers_ceiling   data.py's tokens/s against a bare `tokenizers` encode_batch loop over the same text
+    mfu, tokens_per_s            Pythia-160m and -410m shapes, bf16, compiled, T=2048, on a CUDA device (else null)
+
+    python bench.py [--quick] [--only train,phases,clp,data,gpu] [--out out/bench]
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, UserError, run_cli, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(os.path.dirname(HERE), "shared", "data")
+PYTHIA_TOKENIZER = os.path.join(SHARED, "tokenizers", "pythia-gpt-neox-20b-tokenizer.json")
+PYTHIA_160M = dict(n_layer=12, n_head=12, n_embd=768, intermediate_size=3072, vocab_size=50304)
+PYTHIA_410M = dict(n_layer=24, n_head=16, n_embd=1024, intermediate_size=4096, vocab_size=50304)
+
+
+def machine():
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def timed(fn, repeat):
+    """Median seconds of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_matmul_flops(dtype=torch.float32, n=2048, device="cpu"):
+    """This machine's measured matmul throughput (an n x n GEMM), the ceiling FLOP-based predictions use."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / timed(lambda: a @ b, 5)
+
+
+def memory_bandwidth(n=1 << 26):
+    """Bytes per second of a streaming fp32 update (read 2, write 1), the ceiling for AdamW's element-wise work."""
+    a, b = torch.randn(n), torch.randn(n)
+    return 3 * 4 * n / timed(lambda: a.add_(b, alpha=0.5), 5)
+
+
+def synthetic_data(path, vocab, n_tokens, seed=0):
+    """A data directory train.py accepts: random token ids (speed does not depend on them), meta.json."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_tokens), ("val", n_tokens // 4)):
+        rng.integers(0, vocab, n, dtype=np.uint32).astype(np.uint16).tofile(os.path.join(path, f"{split}.bin"))
+    write_json(os.path.join(path, "meta.json"), {"dtype": "uint16", "vocab_size": vocab, "eos_token_id": 0,
+                                                 "tokenizer_sha256": "synthetic", "tokenizer_file": ""})
+    return path
+
+
+def child(code, *args):
+    """Run python code in a fresh process (its own peak memory); it prints one JSON line last."""
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=HERE, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -----------------------------------------------------------------------------
+# 1. train.py's step against transformers + a plain AdamW loop
+
+TRAIN_STEP_CHILD = r"""
+import json, sys, statistics, train
+data_dir, out_dir, dtype, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+kw = json.loads(sys.argv[5])
+train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", f"--dtype={dtype}",
+            f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
+            "--export_hf=False", "--embedding_tuning_frac=0", *[f"--{k}={v}" for k, v in kw.items()]])
+rows = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in l][2:]
+print(json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}))
+"""
+
+HF_STEP_CHILD = r"""
+import json, sys, time, statistics, torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+import numpy as np
+data_dir, dtype, steps = sys.argv[1], sys.argv[3], int(sys.argv[4])
+kw = json.loads(sys.argv[5])
+T, B = kw["block_size"], kw["batch_size"]
+cfg = GPTNeoXConfig(vocab_size=kw["vocab_size"], hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
+                    num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"], rotary_pct=0.25,
+                    max_position_embeddings=T, hidden_act="gelu", tie_word_embeddings=False)
+torch.manual_seed(0)
+model = GPTNeoXForCausalLM(cfg)
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+data = np.memmap(f"{data_dir}/train.bin", dtype=np.uint16, mode="r")
+ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else torch.autocast("cpu", enabled=False)
+times = []
+for step in range(steps):
+    x = torch.from_numpy(data[step * B * T:(step + 1) * B * T].astype(np.int64)).view(B, T)
+    t0 = time.perf_counter()
+    with ctx:
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss.item()
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"tokens_per_s": B * T / statistics.median(times[2:])}))
+"""
+
+
+def bench_train(work, quick):
+    """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW; fp32 and bf16 autocast."""
+    shape = dict(n_layer=2 if quick else 6, n_head=8, n_embd=256 if quick else 512, vocab_size=8192,
+                 block_size=128 if quick else 256, batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0)
+    steps = 6 if quick else 10
+    data_dir = synthetic_data(os.path.join(work, "train-data"), shape["vocab_size"], 200_000)
+    out = {"shape": shape}
+    for dtype in ("float32", "bfloat16"):
+        kw = json.dumps({k: v for k, v in shape.items()})
+        ours = child(TRAIN_STEP_CHILD, data_dir, os.path.join(work, f"train-{dtype}"), dtype, steps, kw)
+        hf = child(HF_STEP_CHILD, data_dir, "", dtype, steps, kw)
+        out[dtype] = {"ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
+                      "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 2. one step of the embedding phase against one of the full phase
+
+PHASE_CHILD = r"""
+import json, os, resource, statistics, sys, train
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+data_dir, out_dir, frac, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+kw = json.loads(sys.argv[5])
+base = rss()  # torch and the project imported, no model yet
+train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", "--dtype=float32",
+            f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
+            "--export_hf=False", f"--embedding_tuning_frac={frac}", *[f"--{k}={v}" for k, v in kw.items()]])
+rows = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in l][1:]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"step_s": statistics.median(r["dt_s"] for r in rows), "peak_bytes": peak - base}))
+"""
+
+
+def bench_phases(work, quick):
+    """Pythia-160m shape (fp32, AdamW), one batch of 4 x 128 tokens per step, measured in separate processes so each
+    phase's peak memory is its own (peak RSS less what the process held before building the model)."""
+    shape = dict(PYTHIA_160M, n_layer=4 if quick else 12, block_size=128, batch_size=4, gradient_accumulation_steps=1)
+    steps = 3 if quick else 5
+    data_dir = synthetic_data(os.path.join(work, "phase-data"), 50277, 100_000)
+    kw = json.dumps({k: v for k, v in shape.items() if k != "vocab_size"} | {"vocab_size": shape["vocab_size"]})
+    emb = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-emb"), 1.0, steps, kw)
+    full = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-full"), 0.0, steps, kw)
+
+    # the prediction: matmul FLOPs at the measured GEMM rate plus AdamW's bytes at the measured bandwidth; memory as
+    # weights + gradients + two Adam moments of what trains (activations, the same in both, are left out)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: shape[k] for k in PYTHIA_160M}, block_size=128))
+    tokens = shape["batch_size"] * shape["block_size"]
+    n_all = sum(p.numel() for p in model.parameters())
+    n_emb = model.gpt_neox.embed_in.weight.numel() + model.embed_out.weight.numel()
+    flops_full = model.flops_per_token(128) * tokens
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in ("gpt_neox.embed_in.weight", "embed_out.weight"))
+    flops_emb = model.flops_per_token(128) * tokens
+    gemm, bw = peak_matmul_flops(), memory_bandwidth()
+    adam_bytes = 4 * 7  # per trained parameter: read weight, grad, 2 moments; write weight, 2 moments (fp32)
+    t_emb = flops_emb / gemm + n_emb * adam_bytes / bw
+    t_full = flops_full / gemm + n_all * adam_bytes / bw
+    m_emb, m_full = 4 * (n_all + 3 * n_emb), 4 * (n_all + 3 * n_all)
+    return {"shape": shape, "embedding_step_s": emb["step_s"], "full_step_s": full["step_s"],
+            "embedding_peak_bytes": emb["peak_bytes"], "full_peak_bytes": full["peak_bytes"],
+            "time_ratio": emb["step_s"] / full["step_s"], "time_ratio_predicted": t_emb / t_full,
+            "memory_ratio": emb["peak_bytes"] / full["peak_bytes"], "memory_ratio_predicted": m_emb / m_full,
+            "predicted_step_s": {"embedding": t_emb, "full": t_full}, "gemm_flops": gemm, "bandwidth": bw}
+
+
+# -----------------------------------------------------------------------------
+# 3. clp.py against the original per-token loop
+
+CLP_CHILD = r"""
+import json, os, resource, sys, time, torch
+import clp
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+V_h, V_s, d_h, d_s, n_shared = map(int, sys.argv[1:6])
+g = torch.Generator().manual_seed(0)
+# helper rows: a shared direction plus noise, the anisotropy trained embedding spaces have
+helper = torch.randn(V_h, d_h, generator=g) + 2.0 * torch.randn(d_h, generator=g)
+src_in, src_out = torch.randn(V_s, d_s, generator=g) * 0.02, torch.randn(V_s, d_s, generator=g) * 0.02
+perm = torch.randperm(V_h, generator=g)
+shared_helper, missing = perm[:n_shared], perm[n_shared:]
+shared_src = torch.randperm(V_s, generator=g)[:n_shared]
+base = rss()
+t0 = time.perf_counter()
+clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing, num_rows=V_s)
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "extra_peak_bytes": peak - base}))
+"""
+
+
+def original_loop(source, helper, shared_src, shared_helper, missing):
+    """The original clp.py's algorithm (malteos/clp-transfer), per token in Python: cosine similarities of the token
+    to every shared token in the helper space, normalised by their sum, and np.average of the shared source rows."""
+    H = helper.numpy()
+    overlap_h = H[shared_helper.numpy()]
+    overlap_h = overlap_h / np.linalg.norm(overlap_h, axis=1, keepdims=True)
+    S = source.numpy()[shared_src.numpy()]
+    out = {}
+    for t in missing.tolist():
+        h = H[t] / np.linalg.norm(H[t])
+        sims = overlap_h @ h
+        w = sims / sims.sum()
+        out[t] = np.average(S, axis=0, weights=w)
+    return out
+
+
+def bench_clp(quick):
+    V_h, V_s, d_h, d_s = 50257, 50304, 768, 1024
+    n_shared = V_h // 2
+    ours = child(CLP_CHILD, V_h, V_s, d_h, d_s, n_shared)
+    # the loop on a subset of the missing tokens, scaled to all of them (input and output embeddings: two passes)
+    g = torch.Generator().manual_seed(0)
+    helper = torch.randn(V_h, d_h, generator=g) + 2.0 * torch.randn(d_h, generator=g)
+    source = torch.randn(V_s, d_s, generator=g) * 0.02
+    perm = torch.randperm(V_h, generator=g)
+    subset = 20 if quick else 100
+    t0 = time.perf_counter()
+    original_loop(source, helper, torch.randperm(V_s, generator=g)[:n_shared], perm[:n_shared],
+                  perm[n_shared:n_shared + subset])
+    per_token = (time.perf_counter() - t0) / subset
+    loop_seconds = 2 * per_token * (V_h - n_shared)
+    # the FLOPs clp.py's dense path needs: per matrix, the shared helper^T @ source product and one product per
+    # missing row (the similarity sum and the norms are lower order)
+    flops = 2 * (2 * n_shared * d_h * d_s + 2 * (V_h - n_shared) * d_h * d_s)
+    gemm = peak_matmul_flops()
+    return {"vocab": V_h, "shared": n_shared, "width": d_s, "helper_width": d_h, "clp_seconds": ours["seconds"],
+            "clp_extra_peak_bytes": ours["extra_peak_bytes"], "loop_seconds_scaled": loop_seconds,
+            "loop_tokens_timed": subset, "speedup": loop_seconds / ours["seconds"], "flops": flops,
+            "matmul_seconds_at_peak": flops / gemm, "vs_matmul_time": ours["seconds"] / (flops / gemm)}
+
+
+# -----------------------------------------------------------------------------
+# 4. data.py against a bare tokenizers loop
+
+
+def bench_data(work, quick):
+    """German ELTeC text (as JSON lines, repeated to ~30 MiB; ~10 MiB with --quick), the Pythia tokenizer."""
+    import data
+    from model import load_tokenizer
+
+    novels = sorted(glob.glob(os.path.join(SHARED, "eltec", "deu", "*.xml")))
+    if not novels or not os.path.isfile(PYTHIA_TOKENIZER):
+        raise UserError(f"{SHARED}: the ELTeC novels and the Pythia tokenizer are needed for the data benchmark")
+    docs = [p for f in novels for p in data.read_tei(f).split("\n") if p]  # paragraphs as documents
+    repeat = 1 if quick else 3
+    path = os.path.join(work, "corpus.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(repeat):
+            for d in docs:
+                f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    size = os.path.getsize(path)
+    texts = [d for _ in range(repeat) for d in docs]
+    tok = load_tokenizer(PYTHIA_TOKENIZER)
+    tok.encode_batch(texts[:1000])  # warm the thread pool
+    t0 = time.perf_counter()
+    n_tokens, batch, nbytes = 0, [], 0
+    for t in texts:  # the ceiling: encode_batch over ~1 MiB batches of the same text, nothing else
+        batch.append(t)
+        nbytes += len(t)
+        if nbytes >= 1 << 20:
+            n_tokens += sum(len(e.ids) for e in tok.encode_batch(batch))
+            batch, nbytes = [], 0
+    n_tokens += sum(len(e.ids) for e in tok.encode_batch(batch)) + len(texts)  # + one eos per document
+    bare = time.perf_counter() - t0
+    out_dir = os.path.join(work, "data-out")
+    t0 = time.perf_counter()
+    meta = data.prepare([path], out_dir, PYTHIA_TOKENIZER, subsample_size_mb=size / 2**20 * 0.9, valid_percent=5,
+                        override=True, progress=False)
+    ours = time.perf_counter() - t0
+    tokens = sum(s["tokens"] for s in meta["splits"].values())
+    return {"mib": size / 2**20, "tokens": tokens, "data_tokens_per_s": tokens / ours,
+            "data_mib_per_s": size / 2**20 / ours, "bare_tokens_per_s": n_tokens / bare,
+            "ratio": (tokens / ours) / (n_tokens / bare)}
+
+
+# -----------------------------------------------------------------------------
+# 5. GPU: MFU at Pythia shapes
+
+
+def bench_gpu(work, quick):
+    if not torch.cuda.is_available():
+        return None
+    results = {}
+    for name, shape, batch in (("pythia-160m", PYTHIA_160M, 16), ("pythia-410m", PYTHIA_410M, 8)):
+        data_dir = synthetic_data(os.path.join(work, f"gpu-data-{name}"), 50277, 4_000_000)
+        out_dir = os.path.join(work, f"gpu-{name}")
+        kw = dict(shape, block_size=2048, batch_size=batch, gradient_accumulation_steps=1)
+        r = child(TRAIN_STEP_CHILD, data_dir, out_dir, "bfloat16", 20, json.dumps(kw | {"compile": True}))
+        rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"mfu"' in line][5:]
+        results[name] = {"tokens_per_s": r["tokens_per_s"], "mfu": statistics.median(x["mfu"] for x in rows),
+                         "batch": batch, "block_size": 2048}
+    return results
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps (a smoke test, not figures)")
+    p.add_argument("--only", default="train,phases,clp,data,gpu", help="comma-separated parts to run")
+    p.add_argument("--out", default="out/bench")
+    args = p.parse_args(argv)
+    parts = set(args.only.split(","))
+    unknown = parts - {"train", "phases", "clp", "data", "gpu"}
+    if unknown:
+        raise UserError(f"--only: unknown parts {', '.join(sorted(unknown))} (known: train, phases, clp, data, gpu)")
+    result = {"machine": machine(), "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        if "train" in parts:
+            print("train step: train.py against transformers + AdamW ...", flush=True)
+            result["train"] = bench_train(work, args.quick)
+            result["train_vs_hf_tokens_per_s"] = {d: result["train"][d]["ratio"] for d in ("float32", "bfloat16")}
+        if "phases" in parts:
+            print("embedding phase against full phase ...", flush=True)
+            ph = result["phases"] = bench_phases(work, args.quick)
+            result["embedding_vs_full_step_time"] = ph["time_ratio"]
+            result["embedding_vs_full_peak_memory"] = ph["memory_ratio"]
+        if "clp" in parts:
+            print("clp.py against the per-token loop ...", flush=True)
+            result["clp"] = bench_clp(args.quick)
+            result["clp_speedup_vs_loop"] = result["clp"]["speedup"]
+        if "data" in parts:
+            print("data.py against bare tokenizers ...", flush=True)
+            result["data"] = bench_data(work, args.quick)
+            result["data_vs_tokenizers_ceiling"] = result["data"]["ratio"]
+        if "gpu" in parts:
+            gpu = bench_gpu(work, args.quick)
+            result["gpu"] = gpu
+            result["mfu"] = {k: v["mfu"] for k, v in gpu.items()} if gpu else None
+            result["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in gpu.items()} if gpu else None
+    path = os.path.join(args.out, "bench.json")
+    write_json(path, result)
+    print(table(result))
+    print(f"wrote {path}")
+    return result
+
+
+def table(r):
+    m = r["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch {m['torch']}, {m['date']}",
+             f"{'measure':<44} {'value':>10}  detail"]
+
+    def row(name, value, detail=""):
+        lines.append(f"{name:<44} {value:>10}  {detail}")
+
+    if "train" in r:
+        for d in ("float32", "bfloat16"):
+            t = r["train"][d]
+            row(f"train_vs_hf_tokens_per_s ({d})", f"{t['ratio']:.2f}",
+                f"ours {t['ours_tokens_per_s']:,.0f} tok/s, transformers {t['hf_tokens_per_s']:,.0f} tok/s")
+    if "phases" in r:
+        ph = r["phases"]
+        row("embedding_vs_full_step_time", f"{ph['time_ratio']:.2f}",
+            f"{ph['embedding_step_s']:.2f} s vs {ph['full_step_s']:.2f} s; predicted {ph['time_ratio_predicted']:.2f}")
+        row("embedding_vs_full_peak_memory", f"{ph['memory_ratio']:.2f}",
+            f"{ph['embedding_peak_bytes'] / 2**30:.2f} GiB vs {ph['full_peak_bytes'] / 2**30:.2f} GiB; predicted "
+            f"{ph['memory_ratio_predicted']:.2f} (weights, grads, Adam state)")
+    if "clp" in r:
+        c = r["clp"]
+        row("clp_speedup_vs_loop", f"{c['speedup']:,.0f}",
+            f"clp.py {c['clp_seconds']:.2f} s ({c['clp_extra_peak_bytes'] / 2**30:.2f} GiB extra), loop "
+            f"{c['loop_seconds_scaled']:,.0f} s (scaled from {c['loop_tokens_timed']} tokens); "
+            f"{c['vs_matmul_time']:.2f}x the matmul time of its FLOPs")
+    if "data" in r:
+        d = r["data"]
+        row("data_vs_tokenizers_ceiling", f"{d['ratio']:.2f}",
+            f"data.py {d['data_tokens_per_s']:,.0f} tok/s ({d['data_mib_per_s']:.1f} MiB/s), bare encode_batch "
+            f"{d['bare_tokens_per_s']:,.0f} tok/s")
+    if "gpu" in r:
+        if r["gpu"]:
+            for k, v in r["gpu"].items():
+                row(f"mfu {k} (bf16, compile, T=2048)", f"{v['mfu']:.1%}", f"{v['tokens_per_s']:,.0f} tok/s")
+        else:
+            row("mfu / tokens_per_s (GPU)", "null", "no CUDA device")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cli(main)

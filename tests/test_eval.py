@@ -1,0 +1,245 @@
+"""eval.py against transformers' GPTNeoXForCausalLM (the independent reference): perplexity sums over rolling
+windows, task scores as a by-hand log-likelihood argmax, the GermEval 2018 definition on the shared files, bad input."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import SHARED, eltec_texts, hf_neox, run_py
+
+import eval as ev
+from model import GPT, UserError, load_tokenizer, save_tokenizer
+
+BLOCK = 32  # max_position_embeddings of the tiny model: ELTeC paragraphs are many windows long
+EOT = 0  # <|endoftext|> of the ELTeC tokenizers
+EVAL_DATA = os.path.join(SHARED, "eval")
+SHORT = ["Es war einmal ein König.", "Grüße aus Köln: „Straßenbahn“ fährt über die Brücke — 5 €, ß und Æ.",
+         "  Daß   er kam,\n\nwar gut.  "]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, eltec_tokenizers):
+    """(dir, transformers model, our model, tokenizer): a random GPT-NeoX saved with the German ELTeC tokenizer."""
+    tok = load_tokenizer(str(eltec_tokenizers["deu"]))
+    path = tmp_path_factory.mktemp("tiny-de")
+    ref = hf_neox(vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=2, max_position_embeddings=BLOCK)
+    ref.save_pretrained(path)
+    save_tokenizer(str(eltec_tokenizers["deu"]), str(path))
+    return path, ref, GPT.from_pretrained(str(path)).eval(), load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="module")
+def long_doc():
+    return eltec_texts("deu", limit_chars=600)[0]
+
+
+def token_logprobs(ref, context, targets):
+    """log p(each target | context and the targets before it), one transformers forward."""
+    ids = torch.tensor([context + targets])
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(input_ids=ids[:, :-1]).logits[0].double(), -1)
+    return [logp[len(context) - 1 + j, t].item() for j, t in enumerate(targets)]
+
+
+def reference_nll(ref, ids, L, S):
+    """NLL of one document from the documented rule, token by token: a token is scored after all tokens before it
+    (from <|endoftext|>) in the first window; later, after the L tokens before the end of its window, windows ending
+    every S tokens after the first L. Tokens with the same context start share one transformers forward."""
+    seq, by_start = [EOT] + ids, {}
+    for i in range(1, len(seq)):
+        start = 0 if i <= L else min(L + math.ceil((i - L) / S) * S, len(ids)) - L
+        by_start.setdefault(start, []).append(i)
+    nll = 0.0
+    for start, positions in by_start.items():
+        logps = token_logprobs(ref, seq[start:positions[0]], seq[positions[0]:positions[-1] + 1])
+        nll -= sum(logps[i - positions[0]] for i in positions)
+    return nll
+
+
+def test_rolling_windows_are_the_harness_windows():
+    # lm-evaluation-harness get_rolling_token_windows(range(1, 11), prefix 0, max_seq_len 4, context_len 1), by hand
+    assert ev.rolling_windows(list(range(1, 11)), 0, 4) == [([0, 1, 2, 3, 4], 4), ([4, 5, 6, 7, 8], 4),
+                                                            ([6, 7, 8, 9, 10], 2)]
+    assert ev.rolling_windows(list(range(1, 11)), 0, 4, stride=2) == [
+        ([0, 1, 2, 3, 4], 4), ([2, 3, 4, 5, 6], 2), ([4, 5, 6, 7, 8], 2), ([6, 7, 8, 9, 10], 2)]
+    assert ev.rolling_windows([7], 0, 4) == [([0, 7], 1)] and ev.rolling_windows([], 0, 4) == []
+
+
+@pytest.mark.parametrize("stride", [None, 12])
+def test_perplexity_sums_match_transformers(tiny, long_doc, stride):
+    path, ref, model, tok = tiny
+    docs = SHORT + [long_doc]
+    ids = [tok.encode(d, add_special_tokens=False).ids for d in docs]
+    assert len(ids[-1]) > 4 * BLOCK
+    nll = sum(reference_nll(ref, x, BLOCK, stride or BLOCK) for x in ids)
+    r = ev.perplexity(model, tok, docs, stride=stride, batch_size=3, prefix_token_id=EOT, chunk_documents=2)
+    n_tok, n_words, n_bytes = sum(map(len, ids)), sum(len(d.split()) for d in docs), sum(len(d.encode()) for d in docs)
+    assert (r["documents"], r["tokens"], r["words"], r["bytes"]) == (len(docs), n_tok, n_words, n_bytes)
+    assert r["nll"] == pytest.approx(nll, rel=1e-6)
+    assert r["token_perplexity"] == pytest.approx(math.exp(nll / n_tok), rel=1e-6)
+    assert r["word_perplexity"] == pytest.approx(math.exp(nll / n_words), rel=1e-6)
+    assert r["byte_perplexity"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-6)
+    assert r["bits_per_byte"] == pytest.approx(nll / (n_bytes * math.log(2)), rel=1e-6)
+    assert (r["max_length"], r["stride"]) == (BLOCK, stride or BLOCK)
+
+
+def test_bits_per_byte_on_german_text(tiny):
+    path, ref, model, tok = tiny
+    text = SHORT[1]  # umlauts, ß, „“, —, €: 2- and 3-byte UTF-8 characters
+    assert len(text.encode()) > len(text)
+    nll = reference_nll(ref, tok.encode(text, add_special_tokens=False).ids, BLOCK, BLOCK)
+    r = ev.perplexity(model, tok, [text], prefix_token_id=EOT)
+    assert r["bytes"] == len(text.encode("utf-8"))
+    assert r["bits_per_byte"] == pytest.approx(nll / len(text.encode()) / math.log(2), rel=1e-6)
+    assert r["byte_perplexity"] == pytest.approx(2 ** r["bits_per_byte"], rel=1e-9)
+
+
+def write_task(tmp_path, scoring, records, prompt):
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    labels = {"pos": "gut", "neg": "schlecht", "neu": "neutral"} if scoring == "loglikelihood" else {"1": "Ja", "0": "Nein"}
+    task = {"name": f"toy_{scoring}", "data": {"test": str(tmp_path / "data.jsonl"), "train": str(tmp_path / "data.jsonl")},
+            "label_field": "y", "labels": labels, "prompt": prompt, "scoring": scoring}
+    (tmp_path / "task.json").write_text(json.dumps(task, ensure_ascii=False))
+    return str(tmp_path / "task.json"), labels
+
+
+def by_hand_macro_f1(gold, pred):
+    f1 = []
+    for c in set(gold) | set(pred):
+        tp = sum(g == p == c for g, p in zip(gold, pred))
+        precision = tp / max(1, sum(p == c for p in pred))
+        recall = tp / max(1, sum(g == c for g in gold))
+        f1.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    return sum(f1) / len(f1)
+
+
+def test_task_equals_by_hand_loglikelihood_argmax(tiny, tmp_path):
+    path, ref, model, tok = tiny
+    records = [{"satz": s, "y": y} for s, y in [
+        ("Der Zug kam pünktlich.", "pos"), ("Wieder eine Stunde Verspätung!", "neg"), ("Ich fahre morgen.", "neu"),
+        ("Sehr freundliches Personal.", "pos"), ("Klimaanlage kaputt, furchtbar.", "neg"), ("Der ICE hält in Köln.", "neu"),
+        ("Alles bestens, danke.", "pos")]]
+    task, labels = write_task(tmp_path, "loglikelihood", records, "{satz}\n\nBewertung:")
+    gold, pred = [], []
+    for r in records:
+        ctx = tok.encode(r["satz"] + "\n\nBewertung:", add_special_tokens=False).ids
+        scores = {y: sum(token_logprobs(ref, ctx, tok.encode(" " + v, add_special_tokens=False).ids))
+                  for y, v in labels.items()}
+        gold.append(r["y"])
+        pred.append(max(scores, key=scores.get))
+    result = ev.evaluate_task(model, tok, task, batch_size=4, prefix_token_id=EOT)
+    assert result["n"] == len(records) and result["num_fewshot"] == 0
+    assert result["pred_counts"] == {y: pred.count(y) for y in set(pred)}
+    assert result["acc"] == pytest.approx(sum(g == p for g, p in zip(gold, pred)) / len(gold))
+    assert result["macro_f1"] == pytest.approx(by_hand_macro_f1(gold, pred))
+
+    # k-shot: solved training examples, a blank line after each, seeded and reproducible
+    definition = ev.load_task(task)
+    examples, requests = ev.task_requests(definition, ev.load_split(definition, ev.task_sources(definition), "test")[0],
+                                          train=[{"satz": "Schön.", "label": "pos"}] * 2, num_fewshot=2, seed=1)
+    assert requests[0][0] == ("Schön.\n\nBewertung: gut\n\n" * 2 + examples[0]["satz"] + "\n\nBewertung:", " gut")
+    again = ev.evaluate_task(model, tok, task, num_fewshot=2, seed=3, prefix_token_id=EOT)
+    assert again == ev.evaluate_task(model, tok, task, num_fewshot=2, seed=3, prefix_token_id=EOT, batch_size=1)
+
+
+def test_rolling_task_equals_by_hand_sequence_loglikelihood(tiny, tmp_path):
+    path, ref, model, tok = tiny
+    records = [{"a": "Er kam spät", "b": "er war pünktlich", "y": 0}, {"a": "Sie lacht", "b": "sie ist froh", "y": 1},
+               {"a": "Es regnet", "b": "die Straße ist naß", "y": 1}]
+    task, labels = write_task(tmp_path, "rolling", records, "{a}, richtig? {label}, {b}")
+    pred = []
+    for r in records:
+        scores = {y: sum(token_logprobs(ref, [EOT], tok.encode(f"{r['a']}, richtig? {v}, {r['b']}",
+                                                             add_special_tokens=False).ids)) for y, v in labels.items()}
+        pred.append(max(scores, key=scores.get))
+    result = ev.evaluate_task(model, tok, task, batch_size=2, prefix_token_id=EOT)
+    gold = [str(r["y"]) for r in records]
+    assert result["acc"] == pytest.approx(sum(g == p for g, p in zip(gold, pred)) / 3)
+    assert result["pred_counts"] == {y: pred.count(y) for y in set(pred)}
+
+
+def test_germeval2018_reads_the_shared_files(tiny, monkeypatch):
+    path, ref, model, tok = tiny
+    monkeypatch.setenv("EVAL_DATA_DIR", EVAL_DATA)
+    task = ev.load_task("germeval2018_coarse")
+    sources = ev.task_sources(task)
+    assert sources["test"][0] == os.path.join(EVAL_DATA, "germeval2018", "germeval2018.test.txt")
+    test, skipped = ev.load_split(task, sources, "test")
+    train, _ = ev.load_split(task, sources, "train")
+    assert (len(test), len(train), skipped) == (3532, 5009, 0)
+    assert {e["label"] for e in test} == {"OFFENSE", "OTHER"} and "|LBR|" in "".join(e["text"] for e in test)
+    monkeypatch.delenv("EVAL_DATA_DIR")  # the same files given as a directory
+    r = ev.evaluate_task(model, tok, "germeval2018_coarse", data=os.path.join(EVAL_DATA, "germeval2018"), limit=4,
+                         num_fewshot=1, prefix_token_id=EOT)
+    assert r["n"] == 4 and 0 <= r["acc"] <= 1 and r["data"]["train"].endswith("germeval2018.training.txt")
+
+
+def test_cli_end_to_end(tiny, tmp_path):
+    """Perplexity files, GermEval 2018 from $EVAL_DATA_DIR and a task whose data is a hub dataset in an offline
+    cache: one run, a JSON result and the table."""
+    path, ref, model, tok = tiny
+    (tmp_path / "a.txt").write_text(SHORT[1])
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": SHORT[0]}) + "\n")
+    snap = tmp_path / "hub" / "datasets--tester--toy" / "snapshots" / ("0" * 40)
+    os.makedirs(snap / "data")
+    (snap / "data" / "test-00000.jsonl").write_text("".join(json.dumps({"s": s, "y": y}) + "\n" for s, y in
+                                                            [("Ja, gern.", "1"), ("Nein, danke.", "0")]))
+    os.makedirs(tmp_path / "hub" / "datasets--tester--toy" / "refs")
+    (tmp_path / "hub" / "datasets--tester--toy" / "refs" / "main").write_text("0" * 40)
+    (tmp_path / "toy.json").write_text(json.dumps({
+        "name": "toy_hub", "data": {"test": "hf://datasets/tester/toy/data/test-*.jsonl"}, "label_field": "y",
+        "labels": {"1": "ja", "0": "nein"}, "prompt": "{s} Antwort:", "scoring": "loglikelihood"}))
+    out = tmp_path / "results.json"
+    p = run_py(["eval.py", "--model", str(path), "--ppl_files", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
+                "--tasks", f"germeval2018_coarse,{tmp_path / 'toy.json'}", "--limit", "6", "--batch_size", "4",
+                "--output", str(out)],
+               env={"EVAL_DATA_DIR": EVAL_DATA, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    direct = ev.perplexity(model, tok, [SHORT[1], SHORT[0]], prefix_token_id=EOT)
+    for key in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert r[key] == pytest.approx(direct[key], rel=1e-6)
+    assert r["tasks"]["germeval2018_coarse"]["n"] == 6 and r["tasks"]["toy_hub"]["n"] == 2
+    assert {"acc", "macro_f1", "n"} <= set(r["tasks"]["toy_hub"])
+    assert "word_perplexity" in p.stdout and "germeval2018_coarse" in p.stdout and "toy_hub" in p.stdout
+    print(p.stdout)
+
+
+def test_bad_input(tiny, tmp_path, monkeypatch):
+    path, ref, model, tok = tiny
+    monkeypatch.delenv("EVAL_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match="unknown task 'gnad11'; known tasks: germeval2017, germeval2018_coarse, gnad10"):
+        ev.main(["--model", str(path), "--tasks", "gnad11"])
+    with pytest.raises(UserError, match="missing.txt"):
+        ev.main(["--model", str(path), "--ppl_files", str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError, match="task data file not found"):
+        ev.main(["--model", str(path), "--tasks", "germeval2018_coarse", "--task_data",
+                 f"germeval2018_coarse={tmp_path / 'missing.tsv'}"])
+    with pytest.raises(UserError, match="all empty"):
+        ev.perplexity(model, tok, ["", "  \n"])
+    assert ev.perplexity(model, tok, ["", SHORT[0]])["skipped_empty"] == 1
+    (tmp_path / "empty.txt").write_text(" \n")
+    with pytest.raises(UserError, match="no text to score"):
+        ev.main(["--model", str(path), "--ppl_files", str(tmp_path / "empty.txt")])
+
+    bare = tmp_path / "no-tokenizer"
+    ref.save_pretrained(bare)
+    with pytest.raises(UserError, match="no tokenizer files"):
+        ev.main(["--model", str(bare), "--tasks", "germeval2018_coarse"])
+
+    (tmp_path / "t.jsonl").write_text('{"s": "x", "y": "maybe"}\n')
+    bad = {"name": "t", "data": {"test": str(tmp_path / "t.jsonl")}, "label_field": "y", "labels": {"yes": "ja"},
+           "prompt": "{s}", "scoring": "loglikelihood"}
+    with pytest.raises(UserError, match="'maybe', which is not among the labels yes"):
+        ev.evaluate_task(model, tok, bad)
+    with pytest.raises(UserError, match="has no field 'text'"):
+        ev.evaluate_task(model, tok, {**bad, "prompt": "{text}"})
+    with pytest.raises(UserError, match="unknown keys promt"):
+        ev.load_task({**bad, "promt": "{s}"})
+    with pytest.raises(UserError, match="must contain {label} exactly when scoring is 'rolling'"):
+        ev.load_task({**bad, "scoring": "rolling"})
+
+    p = run_py(["eval.py", "--model", str(path), "--tasks", "nope"])  # the CLI: one line, exit code 1
+    assert p.returncode == 1 and p.stderr.startswith("error: unknown task 'nope'") and "Traceback" not in p.stderr
