@@ -73,11 +73,11 @@ def memory_bandwidth(n=1 << 26):
     return 3 * 4 * n / timed(lambda: a.add_(b, alpha=0.5), 5)
 
 
-def synthetic_data(path, vocab, n_tokens, seed=0):
+def synthetic_data(path, vocab, n_tokens, val_tokens=8192, seed=0):
     """A data directory train.py accepts: random token ids (speed does not depend on them), meta.json."""
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for split, n in (("train", n_tokens), ("val", n_tokens // 4)):
+    for split, n in (("train", n_tokens), ("val", val_tokens)):
         rng.integers(0, vocab, n, dtype=np.uint32).astype(np.uint16).tofile(os.path.join(path, f"{split}.bin"))
     write_json(os.path.join(path, "meta.json"), {"dtype": "uint16", "vocab_size": vocab, "eos_token_id": 0,
                                                  "tokenizer_sha256": "synthetic", "tokenizer_file": ""})
@@ -106,49 +106,64 @@ rows = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in l
 print(json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}))
 """
 
-HF_STEP_CHILD = r"""
-import json, sys, time, statistics, torch
+TRAIN_VS_HF_CHILD = r"""
+import json, sys, time, torch
+from contextlib import nullcontext
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-import numpy as np
-data_dir, dtype, steps = sys.argv[1], sys.argv[3], int(sys.argv[4])
-kw = json.loads(sys.argv[5])
-T, B = kw["block_size"], kw["batch_size"]
-cfg = GPTNeoXConfig(vocab_size=kw["vocab_size"], hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
-                    num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"], rotary_pct=0.25,
-                    max_position_embeddings=T, hidden_act="gelu", tie_word_embeddings=False)
+import train
+from model import GPT, GPTConfig
+kw, dtype, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
 torch.manual_seed(0)
-model = GPTNeoXForCausalLM(cfg)
-opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-data = np.memmap(f"{data_dir}/train.bin", dtype=np.uint16, mode="r")
-ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else torch.autocast("cpu", enabled=False)
-times = []
-for step in range(steps):
-    x = torch.from_numpy(data[step * B * T:(step + 1) * B * T].astype(np.int64)).view(B, T)
-    t0 = time.perf_counter()
-    with ctx:
-        loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+ours = GPT(GPTConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
+                     intermediate_size=4 * kw["n_embd"], block_size=T))
+hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
+                                      num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
+                                      rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
+cfg = train.TrainConfig(learning_rate=3e-4, weight_decay=0.1)
+ours_opt = train.configure_optimizer(ours, cfg, "cpu")
+hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+def ours_step(x):  # train.py's step: its forward_backward, its optimizer
+    loss = train.forward_backward(ours, [(x[:, :-1], x[:, 1:])], autocast, scaler, False, "cpu")
+    ours_opt.step()
+    ours_opt.zero_grad(set_to_none=True)
     loss.item()
-    times.append(time.perf_counter() - t0)
-print(json.dumps({"tokens_per_s": B * T / statistics.median(times[2:])}))
+
+def hf_step(x):  # transformers with a plain AdamW loop
+    with autocast:
+        loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+    loss.backward()
+    hf_opt.step()
+    hf_opt.zero_grad(set_to_none=True)
+    loss.item()
+
+g = torch.Generator().manual_seed(0)
+times = {"ours": [], "hf": []}
+for i in range(steps + 2):
+    x = torch.randint(0, V, (B, T + 1), generator=g)
+    for name, step in (("ours", ours_step), ("hf", hf_step)) if i % 2 else (("hf", hf_step), ("ours", ours_step)):
+        t0 = time.perf_counter()
+        step(x)
+        if i >= 2:  # two warm-up steps
+            times[name].append(time.perf_counter() - t0)
+print(json.dumps({k: B * T / min(v) for k, v in times.items()}))
 """
 
 
 def bench_train(work, quick):
-    """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW; fp32 and bf16 autocast."""
+    """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW, no clipping; fp32 and bf16
+    autocast. train.py's step (its forward_backward and its optimizer: the fused AdamW kernel) and transformers'
+    GPTNeoXForCausalLM with torch's default AdamW run in one process, step by step in alternation, on the same
+    batches; each side's fastest step counts (the least disturbed on a shared machine)."""
     shape = dict(n_layer=2 if quick else 6, n_head=8, n_embd=256 if quick else 512, vocab_size=8192,
-                 block_size=128 if quick else 256, batch_size=8, gradient_accumulation_steps=1, grad_clip=0.0)
-    steps = 6 if quick else 10
-    data_dir = synthetic_data(os.path.join(work, "train-data"), shape["vocab_size"], 200_000)
+                 block_size=128 if quick else 256, batch_size=8)
     out = {"shape": shape}
     for dtype in ("float32", "bfloat16"):
-        kw = json.dumps({k: v for k, v in shape.items()})
-        ours = child(TRAIN_STEP_CHILD, data_dir, os.path.join(work, f"train-{dtype}"), dtype, steps, kw)
-        hf = child(HF_STEP_CHILD, data_dir, "", dtype, steps, kw)
-        out[dtype] = {"ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
-                      "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]}
+        r = child(TRAIN_VS_HF_CHILD, json.dumps(shape), dtype, 4 if quick else 10)
+        out[dtype] = {"ours_tokens_per_s": r["ours"], "hf_tokens_per_s": r["hf"], "ratio": r["ours"] / r["hf"]}
     return out
 
 
@@ -171,6 +186,34 @@ print(json.dumps({"step_s": statistics.median(r["dt_s"] for r in rows), "peak_by
 """
 
 
+def meta_model(shape, frozen):
+    """The model on the meta device (no memory), trainable as in the embedding phase (frozen) or the full one."""
+    import train
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: shape[k] for k in PYTHIA_160M}, block_size=shape["block_size"]))
+    phase = train.Phase("embedding" if frozen else "full", 0, 1, 1, 1, 0.0, 0, "constant")
+    train.set_trainable(model, phase, train.TrainConfig())
+    return model
+
+
+def saved_activation_bytes(model, B, T):
+    """Bytes autograd keeps for the backward pass of one forward, traced on the meta device: a frozen layer keeps
+    less (no inputs for weight gradients)."""
+    params = {id(p) for p in model.parameters()}
+    sizes = {}
+
+    def pack(t):
+        if id(t) not in params:
+            sizes[id(t)] = t.numel() * t.element_size()
+        return t
+
+    idx = torch.zeros(B, T, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    return sum(sizes.values())
+
+
 def bench_phases(work, quick):
     """Pythia-160m shape (fp32, AdamW), one batch of 4 x 128 tokens per step, measured in separate processes so each
     phase's peak memory is its own (peak RSS less what the process held before building the model)."""
@@ -181,27 +224,27 @@ def bench_phases(work, quick):
     emb = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-emb"), 1.0, steps, kw)
     full = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-full"), 0.0, steps, kw)
 
-    # the prediction: matmul FLOPs at the measured GEMM rate plus AdamW's bytes at the measured bandwidth; memory as
-    # weights + gradients + two Adam moments of what trains (activations, the same in both, are left out)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**{k: shape[k] for k in PYTHIA_160M}, block_size=128))
-    tokens = shape["batch_size"] * shape["block_size"]
-    n_all = sum(p.numel() for p in model.parameters())
-    n_emb = model.gpt_neox.embed_in.weight.numel() + model.embed_out.weight.numel()
-    flops_full = model.flops_per_token(128) * tokens
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in ("gpt_neox.embed_in.weight", "embed_out.weight"))
-    flops_emb = model.flops_per_token(128) * tokens
+    # the prediction. Time: matmul FLOPs at the measured GEMM rate plus AdamW's bytes at the measured bandwidth.
+    # Memory: fp32 weights, plus gradients and two Adam moments of what trains, plus the activations autograd saves
+    # for the backward pass (counted on the meta device) and the logits' gradient
+    B, T = shape["batch_size"], shape["block_size"]
     gemm, bw = peak_matmul_flops(), memory_bandwidth()
-    adam_bytes = 4 * 7  # per trained parameter: read weight, grad, 2 moments; write weight, 2 moments (fp32)
-    t_emb = flops_emb / gemm + n_emb * adam_bytes / bw
-    t_full = flops_full / gemm + n_all * adam_bytes / bw
-    m_emb, m_full = 4 * (n_all + 3 * n_emb), 4 * (n_all + 3 * n_all)
+    predicted = {}
+    for phase, frozen in (("embedding", True), ("full", False)):
+        model = meta_model(shape, frozen)
+        n_all = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        adam_bytes = 4 * 7 * n_train  # read weight, grad, 2 moments; write weight, 2 moments (fp32)
+        predicted[phase] = {"step_s": model.flops_per_token(T) * B * T / gemm + adam_bytes / bw,
+                            "bytes": 4 * (n_all + 3 * n_train) + saved_activation_bytes(model, B, T)
+                            + 4 * B * T * shape["vocab_size"]}
+    t_emb, t_full = predicted["embedding"]["step_s"], predicted["full"]["step_s"]
+    m_emb, m_full = predicted["embedding"]["bytes"], predicted["full"]["bytes"]
     return {"shape": shape, "embedding_step_s": emb["step_s"], "full_step_s": full["step_s"],
             "embedding_peak_bytes": emb["peak_bytes"], "full_peak_bytes": full["peak_bytes"],
             "time_ratio": emb["step_s"] / full["step_s"], "time_ratio_predicted": t_emb / t_full,
             "memory_ratio": emb["peak_bytes"] / full["peak_bytes"], "memory_ratio_predicted": m_emb / m_full,
-            "predicted_step_s": {"embedding": t_emb, "full": t_full}, "gemm_flops": gemm, "bandwidth": bw}
+            "predicted": predicted, "gemm_flops": gemm, "bandwidth": bw}
 
 
 # -----------------------------------------------------------------------------
@@ -396,7 +439,7 @@ def table(r):
             f"{ph['embedding_step_s']:.2f} s vs {ph['full_step_s']:.2f} s; predicted {ph['time_ratio_predicted']:.2f}")
         row("embedding_vs_full_peak_memory", f"{ph['memory_ratio']:.2f}",
             f"{ph['embedding_peak_bytes'] / 2**30:.2f} GiB vs {ph['full_peak_bytes'] / 2**30:.2f} GiB; predicted "
-            f"{ph['memory_ratio_predicted']:.2f} (weights, grads, Adam state)")
+            f"{ph['memory_ratio_predicted']:.2f} (weights, grads, Adam state, saved activations)")
     if "clp" in r:
         c = r["clp"]
         row("clp_speedup_vs_loop", f"{c['speedup']:,.0f}",

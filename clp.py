@@ -120,10 +120,13 @@ def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, mi
     hs = F.normalize(helper_emb[shared_helper_ids].to(dev, torch.float32), dim=1)  # unit rows, (n_shared, d_helper)
     es = [E[shared_src_ids].to(dev, torch.float32) for E in sources]  # (n_shared, d) each
     radius = [e.norm(dim=1).max() * (1 + 1e-3) for e in es]  # with a margin for rounding
+    covered = torch.zeros(num_rows, dtype=torch.bool)
+    covered[shared_helper_ids] = covered[missing_helper_ids] = True
     outs = []
     for E, e in zip(sources, es):
-        out = e.mean(0).to("cpu", E.dtype).expand(num_rows, -1).clone()
-        out[shared_helper_ids] = E[shared_src_ids].to("cpu")
+        out = torch.empty(num_rows, E.shape[1], dtype=E.dtype)
+        out[~covered] = e.mean(0).to("cpu", E.dtype)  # rows no token has (padding)
+        out[shared_helper_ids] = e.to("cpu", E.dtype)  # back from fp32: bit-identical to the source rows
         outs.append(out)
     if weighting == "dense":  # the factorised sum: no (missing x shared) matrix
         hsum = hs.sum(0)
@@ -134,7 +137,8 @@ def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, mi
         if weighting == "dense":
             total = ht @ hsum
             bad = total <= 0
-            rows = [(ht @ m) / torch.where(bad, 1.0, total)[:, None] for m in ms]
+            ht_over_total = ht / torch.where(bad, 1.0, total)[:, None]  # the division, on the narrower side
+            rows = [ht_over_total @ m for m in ms]
         else:
             w, bad = clp_weights(ht @ hs.T, weighting, top_k)
             if w.count_nonzero() < w.numel() / 4:  # topk, and sparsemax mostly: a sparse product is far cheaper

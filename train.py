@@ -262,13 +262,30 @@ def wrap(raw_model, cfg, ddp, local_rank, device_type):
 
 
 def configure_optimizer(model, cfg, device_type):
-    """AdamW over every parameter: frozen ones have no grad and so get no state until they train. Weight decay on
-    matrices (embeddings included), none on biases and LayerNorms (all 1-D in GPT-NeoX)."""
+    """AdamW (the fused kernel) over every parameter: frozen ones have no grad and so get no state until they train.
+    Weight decay on matrices (embeddings included), none on biases and LayerNorms (all 1-D in GPT-NeoX)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+                             fused=device_type in ("cuda", "cpu"))  # one kernel per step: 12x the loop on a CPU
+
+
+def forward_backward(model, batches, autocast, scaler, ddp, device):
+    """Forward and backward over one optimizer step's micro-batches [(x, y), ...], each loss scaled by 1/len so the
+    gradients are the mean's; under DDP they are all-reduced once, after the last micro-batch. Returns the mean loss
+    (a tensor: reading it is the caller's one sync)."""
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(batches):
+        if device.startswith("cuda"):
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        with nullcontext() if not ddp or i == len(batches) - 1 else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / len(batches)
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 # -----------------------------------------------------------------------------
@@ -536,20 +553,9 @@ def run(argv, defaults, stop_signal):
             group["lr"] = lr
         t0 = time.time()
         accum = phase.grad_accum // world_size
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = train_data.batch(pos, phase.batch_size)
-            pos += phase.batch_size * world_size
-            if device_type == "cuda":
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-            sync = nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                    loss = loss / accum
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        loss_value = all_mean(loss_sum.item())
+        batches = [train_data.batch(pos + i * phase.batch_size * world_size, phase.batch_size) for i in range(accum)]
+        pos += accum * phase.batch_size * world_size
+        loss_value = all_mean(forward_backward(model, batches, autocast, scaler, ddp, device).item())
         step_tokens = phase.batch_size * phase.grad_accum * cfg.block_size
         if not math.isfinite(loss_value):
             nonfinite += 1
