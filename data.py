@@ -408,7 +408,8 @@ def resolve_tokenizer(name, revision=None):
     one (or vocab.json + merges.txt), or a hub model id. The end-of-text token is the eos_token its
     tokenizer_config.json / special_tokens_map.json name, else <|endoftext|>."""
     if name.lower().endswith(".json") and not os.path.isfile(name):
-        raise UserError(f"{name}: tokenizer file not found")
+        raise UserError(f"{name}: " + ("is a directory, expected the tokenizer.json file" if os.path.isdir(name)
+                                       else "tokenizer file not found"))
     path = name if os.path.isfile(name) else resolve_model_dir(name, revision, weights=False)
     tok = load_tokenizer(path)
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a document boundary

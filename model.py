@@ -125,6 +125,8 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer
 
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if os.path.isdir(file):
+        raise UserError(f"{file}: is a directory, expected the tokenizer.json file")
     if os.path.isfile(file):
         try:
             return Tokenizer.from_file(file)

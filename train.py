@@ -327,7 +327,7 @@ def run(argv, defaults, stop_signal):
         if not os.path.isfile(ckpt_path):
             raise UserError(f"init_from='resume': no checkpoint at {ckpt_path}")
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{ckpt_path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
         saved = TrainConfig(**checkpoint["config"])
@@ -374,7 +374,8 @@ def run(argv, defaults, stop_signal):
         raw_model.load_state_dict(checkpoint["model"])
         model_source = f"{ckpt_path} (from {checkpoint['config']['init_from']})"
     elif cfg.init_from == "scratch":
-        tokenizer_dir = os.path.join(cfg.data_dir, meta["tokenizer_file"])  # an absolute path stays as it is
+        tokenizer_file = meta.get("tokenizer_file")  # relative to the data directory, or absolute
+        tokenizer_dir = os.path.join(cfg.data_dir, tokenizer_file) if tokenizer_file else ""
         vocab_size = cfg.vocab_size or -(-meta["vocab_size"] // 128) * 128
         model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,

@@ -1,7 +1,8 @@
 """Fault injection: kill -9 (also in the middle of a checkpoint write), SIGTERM under torchrun, non-finite losses and
-a hung DDP peer. A run that dies must resume from its last complete checkpoint and end exactly where an
-uninterrupted run ends."""
+a hung DDP peer; bad input across the CLIs. A run that dies must resume from its last complete checkpoint and end
+exactly where an uninterrupted run ends; a mistake in a file must be one line naming the file, before any work."""
 
+import json
 import os
 import random
 import signal
@@ -54,7 +55,7 @@ def test_kill9_at_random_moments(reference, tmp_path):
     kills, resumed_at = 0, []
     for attempt in range(12):
         ckpt = tmp_path / "ckpt.pt"
-        start = torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else None  # never corrupt
+        start = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None  # never corrupt
         proc = spawn(argv + (["--init_from=resume"] if start is not None else []))
         done = sum(1 for _ in open(tmp_path / "metrics.jsonl")) if start is not None else 0
         if start is not None:
@@ -91,7 +92,7 @@ def test_kill9_during_checkpoint_write(reference, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     leftovers = [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     assert leftovers, "the killed write should have left its temp file"
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
     proc = spawn(argv + ["--init_from=resume"])
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
@@ -109,12 +110,11 @@ def test_sigterm_under_torchrun_stops_every_rank_together(corpus, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "stopped by SIGTERM at step" in err
-    stopped = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
+    stopped = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
     assert stopped == metrics(tmp_path)[-1]["step"] < 400  # checkpointed at the step it stopped on
     r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *argv,
                 "--init_from=resume", "--max_iters=400"], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    import json
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 400 and summary["ddp_ranks_identical"] is True
     assert [m["step"] for m in metrics(tmp_path) if "lr" in m] == list(range(1, 401))
@@ -134,7 +134,7 @@ def test_nonfinite_loss(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(GPT, "forward", nan_on_ninth_training_call)
     with pytest.raises(UserError, match=r"non-finite training loss \(nan\) at step 5; the last good checkpoint"):
         train.main(train_args(corpus, tmp_path / "stop", "--max_iters=10", "--eval_interval=2"))
-    assert torch.load(tmp_path / "stop" / "ckpt.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "stop" / "ckpt.pt", weights_only=True)["step"] == 4
     calls.clear()
     train.main(train_args(corpus, tmp_path / "skip", "--max_iters=10", "--eval_interval=2", "--max_nonfinite_steps=1"))
     skipped = [m["step"] for m in metrics(tmp_path / "skip") if m.get("skipped")]
@@ -158,3 +158,79 @@ def test_hung_ddp_peer_ends_the_others_within_the_timeout(corpus, tmp_path):
         for p in ranks:
             p.kill()
             p.wait()
+
+
+def one_line_error(r, *needles):
+    """A user error: exit code 1, one line 'error: ...' naming what is wrong, no traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
+
+
+def test_bad_input_across_the_clis(corpus, tmp_path, eltec_tokenizers):
+    import shutil
+
+    from conftest import hf_neox
+
+    # a model directory whose safetensors file is cut short (a download that died)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(corpus / "init", truncated)
+    weights_file = truncated / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:5000])
+    one_line_error(run_py(["eval.py", "--model", str(truncated), "--ppl_files", str(german_text_file(tmp_path))]),
+                   str(weights_file), "cannot read safetensors")
+    one_line_error(run_py(["train.py", *train_args(corpus, tmp_path / "t1"), f"--init_from={truncated}"]),
+                   str(weights_file))
+    hf_neox().save_pretrained(tmp_path / "helper")
+    r = run_py(["clp.py", "apply_clp", "--source_model_name_or_path", str(truncated), "--helper_model_name_or_path",
+                str(tmp_path / "helper"), "--helper_tokenizer_name_or_path", str(eltec_tokenizers["deu"]),
+                "--target_model_path", str(tmp_path / "target")])
+    one_line_error(r, "model.safetensors")
+    assert not (tmp_path / "target").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+    # token files and meta.json that do not fit together
+    data_dir = tmp_path / "data"
+    shutil.copytree(corpus / "data", data_dir)
+    with open(data_dir / "train.bin", "ab") as f:
+        f.write(b"\0")  # one byte more: not a whole number of uint16 tokens
+    one_line_error(run_py(["train.py", *train_args(corpus, tmp_path / "t2"), f"--data_dir={data_dir}"]),
+                   str(data_dir / "train.bin"), "not a whole number")
+    meta = json.loads((corpus / "data" / "meta.json").read_text())
+    shutil.copyfile(corpus / "data" / "train.bin", data_dir / "train.bin")
+    (data_dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "tokenizer_sha256"}))
+    one_line_error(run_py(["train.py", *train_args(corpus, tmp_path / "t3"), f"--data_dir={data_dir}"]),
+                   str(data_dir / "meta.json"), "tokenizer_sha256")
+
+    # an invalid tokenizer.json, and a directory where that file is expected
+    bad_tok = tmp_path / "bad-tokenizer.json"
+    bad_tok.write_text('{"model": {"type": "BPE", "vocab": 42}}')
+    r = run_py(["data.py", "--dataset_name", str(german_text_file(tmp_path)), "--tokenizer", str(bad_tok),
+                "--output_dir", str(tmp_path / "out-data"), "--subsample_size_mb", "0.01"])
+    one_line_error(r, str(bad_tok), "not a valid tokenizer.json")
+    assert not (tmp_path / "out-data").exists()
+    (tmp_path / "tokdir" / "tokenizer.json").mkdir(parents=True)
+    r = run_py(["data.py", "--dataset_name", str(german_text_file(tmp_path)), "--tokenizer",
+                str(tmp_path / "tokdir" / "tokenizer.json"), "--output_dir", str(tmp_path / "out-data"),
+                "--subsample_size_mb", "0.01"])
+    one_line_error(r, "tokenizer.json", "is a directory")
+
+    # a config file with a syntax error, and a directory given as the config file
+    (tmp_path / "bad_config.py").write_text("learning_rate = 3e-4\nbatch_size = (8\n")
+    one_line_error(run_py(["train.py", str(tmp_path / "bad_config.py")]), "bad_config.py", "syntax error")
+    one_line_error(run_py(["train.py", str(tmp_path)]), str(tmp_path), "is a directory")
+    # with DEBUG=1 the traceback is there for whoever debugs
+    r = run_py(["train.py", str(tmp_path / "bad_config.py")], env={"DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def german_text_file(tmp_path):
+    """A small German text file."""
+    from conftest import eltec_texts
+
+    path = tmp_path / "novel.txt"
+    if not path.exists():
+        path.write_text(eltec_texts("deu", limit_chars=20_000)[0])
+    return path

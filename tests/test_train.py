@@ -44,7 +44,7 @@ def test_embedding_phase_freezes_transformer_then_everything_trains(corpus, tmp_
         train.main(stopped_args)
     assert stop.value.code == 128 + signal.SIGTERM
     monkeypatch.setattr(data.Blocks, "batch", batch)
-    ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["phase"] == "embedding" and ckpt["pos"] == 4 * 8
     embeddings = {"gpt_neox.embed_in.weight", "embed_out.weight"}
     for name, tensor in ckpt["model"].items():
