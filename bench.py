@@ -180,9 +180,36 @@ base = rss()  # torch and the project imported, no model yet
 train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", "--dtype=float32",
             f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
             "--export_hf=False", f"--embedding_tuning_frac={frac}", *[f"--{k}={v}" for k, v in kw.items()]])
-rows = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in l][1:]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"step_s": statistics.median(r["dt_s"] for r in rows), "peak_bytes": peak - base}))
+print(json.dumps({"peak_bytes": peak - base}))
+"""
+
+PHASE_TIME_CHILD = r"""
+import json, sys, time, torch
+from contextlib import nullcontext
+import train
+from model import GPT, GPTConfig
+kw, steps = json.loads(sys.argv[1]), int(sys.argv[2])
+B, T = kw.pop("batch_size"), kw.pop("block_size")
+torch.manual_seed(0)
+model = GPT(GPTConfig(**kw, block_size=T))
+cfg = train.TrainConfig()
+optimizer = train.configure_optimizer(model, cfg, "cpu")
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+phases = {name: train.Phase(name, 0, 1, B, 1, 1e-4, 0, "constant") for name in ("embedding", "full")}
+g = torch.Generator().manual_seed(0)
+times = {name: [] for name in phases}
+for i in range(steps + 1):  # train.py's step, one phase after the other: the same conditions for both
+    for name, phase in phases.items():
+        train.set_trainable(model, phase, cfg)
+        x = torch.randint(0, kw["vocab_size"], (B, T + 1), generator=g)
+        t0 = time.perf_counter()
+        train.forward_backward(model, [(x[:, :-1], x[:, 1:])], nullcontext(), scaler, False, "cpu").item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:  # the first round warms up
+            times[name].append(time.perf_counter() - t0)
+print(json.dumps({name: min(t) for name, t in times.items()}))
 """
 
 
@@ -215,20 +242,26 @@ def saved_activation_bytes(model, B, T):
 
 
 def bench_phases(work, quick):
-    """Pythia-160m shape (fp32, AdamW), one batch of 4 x 128 tokens per step, measured in separate processes so each
-    phase's peak memory is its own (peak RSS less what the process held before building the model)."""
+    """Pythia-160m shape (fp32, AdamW), one batch of 4 x 128 tokens per step. Time: train.py's step in one process,
+    the two phases in alternation (set_trainable switching them), each phase's fastest step. Memory: a short
+    train.py run per phase in its own process (peak RSS less what the process held before building the model)."""
     shape = dict(PYTHIA_160M, n_layer=4 if quick else 12, block_size=128, batch_size=4, gradient_accumulation_steps=1)
     steps = 3 if quick else 5
     data_dir = synthetic_data(os.path.join(work, "phase-data"), 50277, 100_000)
     kw = json.dumps({k: v for k, v in shape.items() if k != "vocab_size"} | {"vocab_size": shape["vocab_size"]})
-    emb = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-emb"), 1.0, steps, kw)
-    full = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-full"), 0.0, steps, kw)
+    emb = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-emb"), 1.0, 2, kw)
+    full = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-full"), 0.0, 2, kw)
+    step_s = child(PHASE_TIME_CHILD, json.dumps({k: shape[k] for k in (*PYTHIA_160M, "batch_size", "block_size")}),
+                   steps)
 
-    # the prediction. Time: matmul FLOPs at the measured GEMM rate plus AdamW's bytes at the measured bandwidth.
-    # Memory: fp32 weights, plus gradients and two Adam moments of what trains, plus the activations autograd saves
-    # for the backward pass (counted on the meta device) and the logits' gradient
+    # the prediction. Time: the step's matmul FLOPs at the rate this machine's GEMM reaches at this shape (tokens x d
+    # times d x 4d), plus AdamW's bytes at the measured bandwidth. Memory: fp32 weights, plus gradients and two Adam
+    # moments of what trains, plus the activations autograd saves for the backward pass (counted on the meta device)
+    # and the logits' gradient
     B, T = shape["batch_size"], shape["block_size"]
-    gemm, bw = peak_matmul_flops(), memory_bandwidth()
+    x, w = torch.randn(B * T, shape["n_embd"]), torch.randn(shape["intermediate_size"], shape["n_embd"])
+    gemm = 2 * x.shape[0] * w.shape[0] * w.shape[1] / timed(lambda: x @ w.T, 5)
+    bw = memory_bandwidth()
     predicted = {}
     for phase, frozen in (("embedding", True), ("full", False)):
         model = meta_model(shape, frozen)
@@ -240,9 +273,9 @@ def bench_phases(work, quick):
                             + 4 * B * T * shape["vocab_size"]}
     t_emb, t_full = predicted["embedding"]["step_s"], predicted["full"]["step_s"]
     m_emb, m_full = predicted["embedding"]["bytes"], predicted["full"]["bytes"]
-    return {"shape": shape, "embedding_step_s": emb["step_s"], "full_step_s": full["step_s"],
+    return {"shape": shape, "embedding_step_s": step_s["embedding"], "full_step_s": step_s["full"],
             "embedding_peak_bytes": emb["peak_bytes"], "full_peak_bytes": full["peak_bytes"],
-            "time_ratio": emb["step_s"] / full["step_s"], "time_ratio_predicted": t_emb / t_full,
+            "time_ratio": step_s["embedding"] / step_s["full"], "time_ratio_predicted": t_emb / t_full,
             "memory_ratio": emb["peak_bytes"] / full["peak_bytes"], "memory_ratio_predicted": m_emb / m_full,
             "predicted": predicted, "gemm_flops": gemm, "bandwidth": bw}
 
@@ -263,12 +296,15 @@ src_in, src_out = torch.randn(V_s, d_s, generator=g) * 0.02, torch.randn(V_s, d_
 perm = torch.randperm(V_h, generator=g)
 shared_helper, missing = perm[:n_shared], perm[n_shared:]
 shared_src = torch.randperm(V_s, generator=g)[:n_shared]
+clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing[:2048], num_rows=V_s)  # warm-up
 base = rss()
-t0 = time.perf_counter()
-clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing, num_rows=V_s)
-seconds = time.perf_counter() - t0
+times = []
+for _ in range(2):
+    t0 = time.perf_counter()
+    clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing, num_rows=V_s)
+    times.append(time.perf_counter() - t0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "extra_peak_bytes": peak - base}))
+print(json.dumps({"seconds": min(times), "extra_peak_bytes": peak - base}))
 """
 
 
