@@ -265,13 +265,13 @@ class GPTConfig:
         if hf.get("model_type") != "gpt_neox" and "GPTNeoXForCausalLM" not in hf.get("architectures", []):
             raise UserError(f"{source}: model_type {hf.get('model_type')!r} (architectures "
                             f"{hf.get('architectures')}); model.py loads GPT-NeoX (model_type 'gpt_neox') only")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UserError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
                             "(only the default rotary embedding)")
-        hf = dict(hf)
-        hf.setdefault("rotary_pct", rope.get("partial_rotary_factor", 1.0 if rope else 0.25))
-        hf.setdefault("rotary_emb_base", rope.get("rope_theta", 10000.0))
+        # as transformers (v5) reads it: rope_parameters first, then the classic keys, then GPT-NeoX's defaults
+        hf = dict(hf, rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
+                  rotary_emb_base=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
         kw = {}
         for f in fields(cls):
             value = hf.get(HF_NAMES[f.name])

@@ -107,6 +107,21 @@ def test_dtype_and_config_variants(tiny_hf_dir):
     assert GPTConfig.from_hf(GPTConfig.from_hf(hf).to_hf()) == GPTConfig.from_hf(hf)
 
 
+def test_rotary_keys_read_as_transformers_reads_them(tiny_hf_dir):
+    """Partial, conflicting or missing rotary keys: the same rotary fraction and base as transformers' config."""
+    from transformers import GPTNeoXConfig
+
+    hf = json.loads((tiny_hf_dir[0] / "config.json").read_text())
+    bare = {k: v for k, v in hf.items() if k not in ("rope_parameters", "rotary_pct", "rotary_emb_base")}
+    variants = [bare, dict(bare, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+                dict(bare, rotary_pct=0.5, rotary_emb_base=77.0),
+                dict(bare, rotary_pct=0.5, rope_parameters={"rope_type": "default", "partial_rotary_factor": 1.0})]
+    for variant in variants:
+        ref = GPTNeoXConfig(**variant).rope_parameters
+        ours = GPTConfig.from_hf(variant)
+        assert (ours.rotary_pct, ours.rotary_base) == (ref["partial_rotary_factor"], ref["rope_theta"]), variant
+
+
 def test_hub_path_offline(tmp_path, tiny_hf_dir):
     """A hub id resolves through the real huggingface_hub calls against a hub-layout cache, revisions included."""
     path, ref = tiny_hf_dir
