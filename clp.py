@@ -13,11 +13,13 @@ all: with unit rows h, sum_j (h_t . h_j) E_j = h_t @ (sum_j h_j^T E_j) and sum_j
 the whole method is two small matrix products, seconds at Pythia scale. The `topk` and `sparsemax` (CLP+) variants do
 form the similarities, one chunk of tokens at a time.
 
-A row whose similarity sum is not positive (a helper vector pointing away from the shared tokens, or a zero vector)
-would divide by zero or flip sign, and a sum just above zero makes the weights extrapolate far beyond the source rows
-(seen with weakly trained, nearly isotropic helpers: rows hundreds of times longer than any source row). Both kinds
-average the shared source rows over their positive similarities only, and take their plain mean when they have none.
-The test for the second kind is exact: a result longer than the longest shared source row cannot be an average.
+The formula is applied as published, negative similarities included. A row whose similarity sum is not positive (a
+helper vector pointing away from the shared tokens, or a zero vector) would divide by zero or flip sign: it averages
+the shared source rows over its positive similarities only, or takes their plain mean when it has none. A sum just
+above zero makes the weights extrapolate far beyond the source rows (seen with weakly trained, nearly isotropic
+helpers: rows hundreds of times longer than any source row); the report counts such rows (`extrapolated_rows`: longer
+than the longest shared source row, which no average can be), and `--extrapolation_fallback` gives them the
+fallback too.
 
 Pythia does not tie its output head to the input matrix; by default the head gets the same weights applied to the
 source's output rows (`--output_embeddings clp`); `source_by_id` keeps the study's head (source row i for token i).
@@ -95,14 +97,14 @@ def clp_weights(sims, weighting="dense", top_k=10):
 
 
 def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, missing_helper_ids, num_rows=None,
-                   weighting="dense", top_k=10, chunk_size=1024, device="cpu"):
+                   weighting="dense", top_k=10, chunk_size=1024, device="cpu", extrapolation_fallback=False):
     """CLP on raw matrices. source_emb (V_src, d), or a list of such matrices sharing a vocabulary (input and output
     embeddings: the weights are computed once, applied to each); helper_emb (V_helper, d_helper). Shared token j is
     row shared_src_ids[j] of the source and shared_helper_ids[j] of the helper; missing_helper_ids get the weighted
     average. Returns (matrices, fallback_ids): each matrix (num_rows, d) in its source's dtype, shared rows copied
     bit for bit, the rest computed in fp32 on `device`; rows in neither list (ids no token has, padding) hold the
-    mean of the shared source rows. fallback_ids: the missing ids whose similarity sum was not positive, or so close
-    to zero that the weighted sum came out longer than any shared source row."""
+    mean of the shared source rows. fallback_ids: the missing ids whose similarity sum was not positive (with
+    extrapolation_fallback, also those whose weighted sum came out longer than every shared source row)."""
     single = torch.is_tensor(source_emb)
     sources = [source_emb] if single else list(source_emb)
     shared_src_ids, shared_helper_ids, missing_helper_ids = (torch.as_tensor(x, dtype=torch.long).reshape(-1)
@@ -119,7 +121,7 @@ def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, mi
 
     hs = F.normalize(helper_emb[shared_helper_ids].to(dev, torch.float32), dim=1)  # unit rows, (n_shared, d_helper)
     es = [E[shared_src_ids].to(dev, torch.float32) for E in sources]  # (n_shared, d) each
-    radius = [e.norm(dim=1).max() * (1 + 1e-3) for e in es]  # with a margin for rounding
+    radius = [longest_row(e) for e in es]
     covered = torch.zeros(num_rows, dtype=torch.bool)
     covered[shared_helper_ids] = covered[missing_helper_ids] = True
     outs = []
@@ -128,33 +130,39 @@ def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, mi
         out[~covered] = e.mean(0).to("cpu", E.dtype)  # rows no token has (padding)
         out[shared_helper_ids] = e.to("cpu", E.dtype)  # back from fp32: bit-identical to the source rows
         outs.append(out)
-    if weighting == "dense":  # the factorised sum: no (missing x shared) matrix
+    if weighting == "dense":
+        # the factorised sum, no (missing x shared) matrix: sum_j cos(h, h_j) e_j / sum_j cos(h, h_j)
+        # = (h @ sum_j unit(h_j) e_j^T) / (h @ sum_j unit(h_j)); |h| cancels, so new rows need no normalising
         hsum = hs.sum(0)
-        ms = [hs.T @ e for e in es]  # (d_helper, d) each
+        m = torch.cat([hs.T @ e for e in es], dim=1)  # (d_helper, total width): one product per chunk for all
+        widths = [e.shape[1] for e in es]
     fallback = []
     for ids in tqdm(missing_helper_ids.split(chunk_size), desc=f"clp {weighting}", unit="chunk", disable=None):
-        ht = F.normalize(helper_emb[ids].to(dev, torch.float32), dim=1)
+        h = helper_emb[ids].to(dev, torch.float32)
         if weighting == "dense":
-            total = ht @ hsum
+            total = h @ hsum  # the similarity sum times |h|: same sign
             bad = total <= 0
-            ht_over_total = ht / torch.where(bad, 1.0, total)[:, None]  # the division, on the narrower side
-            rows = [ht_over_total @ m for m in ms]
+            rows = ((h / torch.where(bad, 1.0, total)[:, None]) @ m).split(widths, dim=1)  # divide the narrow side
         else:
-            w, bad = clp_weights(ht @ hs.T, weighting, top_k)
+            w, bad = clp_weights(F.normalize(h, dim=1) @ hs.T, weighting, top_k)
             if w.count_nonzero() < w.numel() / 4:  # topk, and sparsemax mostly: a sparse product is far cheaper
                 w = w.to_sparse()
             rows = [w @ e for e in es]
-        # an average lies within the longest shared row's length; a row beyond it came from a similarity sum near
-        # zero, whose weights extrapolate (1/sum blows up): like a non-positive sum, it takes the fallback
-        bad = bad | torch.stack([r.norm(dim=1) > limit for r, limit in zip(rows, radius)]).any(0)
+        if extrapolation_fallback:  # an average lies within the longest shared row's length: a row beyond it
+            bad = bad | torch.stack([r.norm(dim=1) > limit for r, limit in zip(rows, radius)]).any(0)
         if bad.any():
-            w = positive_or_uniform(ht[bad] @ hs.T)
+            w = positive_or_uniform(F.normalize(h[bad], dim=1) @ hs.T)
             for r, e in zip(rows, es):
                 r[bad] = w @ e
         for out, r in zip(outs, rows):
             out[ids] = r.to("cpu", out.dtype)
         fallback.append(ids[bad.cpu()])
     return (outs[0] if single else outs), torch.cat(fallback) if fallback else missing_helper_ids[:0]
+
+
+def longest_row(rows):
+    """The length no average of these rows can exceed (with a margin for rounding)."""
+    return rows.float().norm(dim=1).max() * (1 + 1e-3)
 
 
 def random_embeddings(num_rows, like, method="small_init", seed=42):
@@ -235,7 +243,7 @@ def special_token_rows(helper_special, helper_vocab, source_special, source_voca
     for role, token in sorted(helper_special.items()):
         hid = helper_vocab.get(token)
         if hid is None:
-            report[role] = {"token": token, "id": None, "init": "not in the helper vocabulary"}
+            report[role] = {"token": token, "id": None, "init": "not in the helper vocabulary: left out of the target's tokenizer files"}
         elif token in source_vocab:
             report[role] = {"token": token, "id": hid, "init": f"shared (source id {source_vocab[token]})"}
         elif source_special.get(role) in source_vocab:
@@ -263,6 +271,9 @@ def check_target(path, override):
     """Refuse a non-empty target without override (before any work), and a file in its place."""
     if os.path.isfile(path):
         raise UserError(f"{path}: the target exists and is a file")
+    here, target = os.path.realpath(os.getcwd()), os.path.realpath(path)
+    if os.path.commonpath([here, target]) == target:
+        raise UserError(f"{path}: the target is the current directory or contains it; name a directory of its own")
     if os.path.isdir(path) and os.listdir(path) and not override:
         raise UserError(f"{path}: the target directory is not empty (pass --override to replace it)")
 
@@ -280,8 +291,9 @@ def target_model(source, embed_in, embed_out, **config):
     return model
 
 
-def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, report):
-    """Build the target directory under a temporary name beside `path`, rename it at the end: never half-written."""
+def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, report, started=None):
+    """Build the target directory under a temporary name beside `path`, rename it at the end: never half-written.
+    With `started` (a time.time()), the report's seconds include the writing."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(os.path.abspath(path)))
@@ -295,6 +307,8 @@ def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, repor
             config = read_json(os.path.join(tmp, "config.json"))
             write_json(os.path.join(tmp, "config.json"), dict(config, pad_token_id=pad_token_id))
         save_tokenizer(tokenizer_src, tmp, special_tokens=special_tokens)
+        if started is not None:
+            report["seconds"] = round(time.time() - started, 2)
         write_json(os.path.join(tmp, "clp_report.json"), report)
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-" + os.path.basename(os.path.abspath(path)))
@@ -314,7 +328,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
               helper_tokenizer_name_or_path=None, seed=42, override=False, random_init=False,
               random_init_method="small_init", random_init_rows="all", output_embeddings=None, weighting="dense",
               top_k=10, pad_to_multiple_of=128, chunk_size=1024, device="cpu", source_revision=None,
-              helper_revision=None):
+              helper_revision=None, extrapolation_fallback=False):
     """CLP-Transfer from a HF-format GPT-NeoX source and any HF causal LM helper. Returns (embed_in, embed_out,
     report); embed_out is None when the source ties its head to the input matrix. With target_model_path, also
     writes the target: an HF-format directory with the helper's tokenizer and clp_report.json."""
@@ -370,12 +384,14 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
 
     # CLP for the matrices it initialises (the weights computed once), random init or the study's head for the rest
     clp_sources = ([] if random_init else [E_in]) + ([E_out] if not tied and output_embeddings == "clp" else [])
-    fallback = missing[:0]
+    fallback, extrapolated = missing[:0], torch.zeros(len(missing), dtype=torch.bool)
     if clp_sources:
         clp_out, fallback = clp_embeddings(clp_sources, helper_emb, shared_src, shared_helper, missing,
                                            num_rows=num_rows, weighting=weighting, top_k=top_k,
-                                           chunk_size=chunk_size, device=device)
+                                           chunk_size=chunk_size, device=device,
+                                           extrapolation_fallback=extrapolation_fallback)
         for out, E in zip(clp_out, clp_sources):
+            extrapolated |= out[missing].float().norm(dim=1) > longest_row(E[shared_src])
             out[copy_helper] = E[copy_src]  # adds the special tokens matched by role
 
     def randomised(E, seed):
@@ -414,6 +430,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
         "new_tokens": len(missing), "special_tokens": special_report,
         "weighting": weighting, "top_k": top_k if weighting == "topk" else None,
         "fallback_rows": len(fallback), "fallback_tokens": [id_to_token[int(i)] for i in fallback[:20]],
+        "extrapolated_rows": int(extrapolated.sum()), "extrapolation_fallback": extrapolation_fallback,
         "output_embeddings": "tied" if tied else output_embeddings,
         "random_init": random_init, "random_init_method": random_init_method if any_random else None,
         "random_init_rows": random_init_rows if any_random else None,
@@ -423,7 +440,9 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     if target_model_path:
         ids = {role: helper_vocab.get(helper_special.get(role)) for role in ("bos_token", "eos_token", "pad_token")}
         model = target_model(source, embed_in, embed_out, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"])
-        write_target(target_model_path, model, tok_src, helper_special, ids["pad_token"], report)
+        # a declared special token the tokenizer lacks stays out: transformers would add it as an id past the rows
+        special = {role: token for role, token in helper_special.items() if token in helper_vocab}
+        write_target(target_model_path, model, tok_src, special, ids["pad_token"], report, started=t0)
     return embed_in, embed_out, report
 
 
@@ -462,6 +481,10 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--pad_to_multiple_of", type=int, default=128,
                    help="target rows: the helper tokenizer's size rounded up to this (1: no padding)")
+    p.add_argument("--extrapolation_fallback", action="store_true",
+                   help="rows longer than the longest shared source row (a similarity sum just above zero makes "
+                        "the weights extrapolate; the report counts them as extrapolated_rows) average over the "
+                        "positive similarities instead; off by default: the paper's formula as published")
     p.add_argument("--chunk_size", type=int, default=1024, help="new tokens per step (bounds memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = vars(parser.parse_args(argv))

@@ -22,14 +22,11 @@ H = torch.tensor([[1., 0], [0, 1], [-1, 0], [1, 1], [3, 4], [-3, 1], [-1, -1], [
 SRC = torch.tensor([[0., 0, 1], [9, 9, 9], [1, 0, 0], [7, 7, 7], [0, 1, 0]])
 SHARED_SRC, SHARED_HELPER, MISSING = [2, 4, 0], [0, 1, 2], [3, 4, 5, 6, 7, 8]
 r10, third = 1 / math.sqrt(10), 1 / 3
-# With one-hot (orthonormal) source rows any negative weight puts the sum beyond the unit length of every shared
-# row, which no average can reach: rows 3-5 take the fallback too (test_negative_weights_stay_... shows the rule's
-# other side)
 BY_HAND = torch.tensor([
     [1, 0, 0], [0, 1, 0], [0, 0, 1],  # copied
-    [.5, .5, 0],  # cos (.71, .71, -.71), sum .71: the paper's weights (1, 1, -1) reach length 1.7 > 1: fallback
-    [3 / 7, 4 / 7, 0],  # cos (.6, .8, -.6), sum .8: weights (.75, 1, -.75), length 1.46: fallback
-    [0, .25, .75],  # cos (-3, 1, 3)/sqrt(10), sum 1/sqrt(10): weights (-3, 1, 3), length 4.4: fallback
+    [1, 1, -1],  # cos (.71, .71, -.71), sum .71: the paper's weights (1, 1, -1), negative cosines included
+    [.75, 1, -.75],  # cos (.6, .8, -.6), sum .8
+    [-3, 1, 3],  # cos (-3, 1, 3)/sqrt(10), sum 1/sqrt(10)
     [0, 0, 1],  # cos (-.71, -.71, .71), sum < 0: fallback to the positive similarities (only c)
     [third, third, third],  # zero vector, all cos 0: fallback to the plain mean
     [third, third, third],  # cos (0, -1, 0): no positive similarity, plain mean
@@ -40,7 +37,7 @@ BY_HAND = torch.tensor([
 def test_formula_copy_rule_and_fallback_by_hand():
     out, fallback = clp_embeddings(SRC, H, SHARED_SRC, SHARED_HELPER, MISSING, num_rows=10, chunk_size=4)
     torch.testing.assert_close(out, BY_HAND, rtol=0, atol=1e-6)
-    assert fallback.tolist() == [3, 4, 5, 6, 7, 8]
+    assert fallback.tolist() == [6, 7, 8]
     # several source matrices (input and output embeddings) get the same weights; the dtype is the source's, and
     # copied rows are bit-identical
     src16 = (SRC * 3 + torch.randn(5, 3, generator=torch.Generator().manual_seed(0))).half()
@@ -50,17 +47,24 @@ def test_formula_copy_rule_and_fallback_by_hand():
     torch.testing.assert_close(b[3:].float(), (BY_HAND[3:] @ src16[SHARED_SRC].float()).half().float())
 
 
-def test_negative_weights_stay_when_the_result_is_an_average():
-    """The paper's formula keeps negative cosines: token t = (1, 1) in helper space has cosines (.71, .71, -.71)
-    to a, b, c and so weights (1, 1, -1). With source rows a = (1, 0), b = (0, 1), c = (1, 1) the weighted sum
-    a + b - c = (0, 0) lies within the shared rows' length: kept, not replaced by the positive-only fallback (.5, .5).
-    A similarity sum near zero is not: t = (1, .05) has cosines (.9988, .0499, -.9988), weights (20, 1, -20) and
-    the sum (0, -19), 13 times longer than any shared row: it takes the positive-only weights (.9524, .0476, 0)."""
+def test_extrapolation_fallback_by_hand():
+    """Opt-in: a row longer than the longest shared source row is no average (its weights extrapolate). With
+    one-hot source rows every negative weight does that, so rows 3-5 average their positive similarities:
+    (.71, .71) -> (.5, .5, 0); (.6, .8) -> (3/7, 4/7, 0); (1, 3)/sqrt(10) -> (0, .25, .75). The paper's a + b - c
+    for source rows a = (1, 0), b = (0, 1), c = (1, 1) is (0, 0), within reach of an average: kept. t = (1, .05) has
+    cosines (.9988, .0499, -.9988), weights (20, 1, -20), the sum (0, -19): replaced by (.9524, .0476, 0)."""
+    out, fallback = clp_embeddings(SRC, H, SHARED_SRC, SHARED_HELPER, MISSING, num_rows=10,
+                                   extrapolation_fallback=True)
+    torch.testing.assert_close(out[3:6], torch.tensor([[.5, .5, 0], [3 / 7, 4 / 7, 0], [0, .25, .75]]))
+    torch.testing.assert_close(out[6:], BY_HAND[6:])
+    assert fallback.tolist() == [3, 4, 5, 6, 7, 8]
     helper = torch.tensor([[1., 0], [0, 1], [-1, 0], [1, 1], [1, .05]])
     src = torch.tensor([[1., 0], [0, 1], [1, 1]])
-    out, fallback = clp_embeddings(src, helper, [0, 1, 2], [0, 1, 2], [3, 4])
-    torch.testing.assert_close(out[3], torch.zeros(2), rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[4], torch.tensor([1 / 1.05, .05 / 1.05]))
+    paper, fallback = clp_embeddings(src, helper, [0, 1, 2], [0, 1, 2], [3, 4])
+    torch.testing.assert_close(paper[3:], torch.tensor([[0., 0], [0, -19]]), rtol=0, atol=1e-4)
+    assert fallback.numel() == 0
+    guarded, fallback = clp_embeddings(src, helper, [0, 1, 2], [0, 1, 2], [3, 4], extrapolation_fallback=True)
+    torch.testing.assert_close(guarded[3:], torch.tensor([[0., 0], [1 / 1.05, .05 / 1.05]]), rtol=0, atol=1e-5)
     assert fallback.tolist() == [4]
 
 
@@ -188,6 +192,10 @@ def test_tiny_models_end_to_end(tiny):
         ref = reference_clp(src_state[key], wte, s_ids, h_ids, missing)
         torch.testing.assert_close(name[missing].double(), ref, rtol=1e-4, atol=1e-6)
     assert report["fallback_rows"] == 0
+    # the report counts the new rows no average could be: longer than every shared row of their matrix
+    beyond = sum((m[missing].norm(dim=1) > src_state[k][s_ids].norm(dim=1).max() * 1.001).int()
+                 for m, k in ((embed_in, "gpt_neox.embed_in.weight"), (embed_out, "embed_out.weight")))
+    assert report["extrapolated_rows"] == int((beyond > 0).sum()) and not report["extrapolation_fallback"]
 
     # the target: helper's vocabulary padded to a multiple of 128, the source's body bit for bit
     n = len(helper_vocab)
@@ -283,6 +291,13 @@ def test_special_tokens_by_role(tmp_path, eltec_tokenizers):
     assert ids == (hv["<s>"], hv["</s>"], hv["<pad>"])
     tok = AutoTokenizer.from_pretrained(tmp_path / "target")
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    # a declared special token the helper's tokenizer lacks: reported, and kept out of the target's tokenizer files
+    # (transformers would otherwise add it as a new id past the embedding rows' real tokens)
+    save_tokenizer(str(tmp_path / "deu.json"), str(helper), dict(specials, pad_token="<nopad>"))
+    _, _, report = apply_clp(str(source), str(helper), str(tmp_path / "target2"))
+    assert report["special_tokens"]["pad_token"]["id"] is None
+    tok = AutoTokenizer.from_pretrained(tmp_path / "target2")
+    assert tok.pad_token is None and len(tok) == len(hv) and "<nopad>" not in tok.get_vocab()
 
 
 def test_random_init_statistics_and_seeding(tiny):
@@ -389,6 +404,11 @@ def test_bad_inputs(tiny, tmp_path, monkeypatch):
     (target / "keep.txt").write_text("mine")
     assert_error("not empty.*--override", str(source), str(helper), str(target))
     assert (target / "keep.txt").read_text() == "mine"
+    # the working directory (or a directory above it) is never replaced, even with override
+    monkeypatch.chdir(target)
+    assert_error("the current directory or contains it", str(source), str(helper), ".", override=True)
+    assert_error("the current directory or contains it", str(source), str(helper), str(tmp_path), override=True)
+    monkeypatch.chdir(tmp_path.parent)
     # a failure while writing leaves neither a temporary directory nor a changed target
     import clp
 
