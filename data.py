@@ -6,12 +6,15 @@ Any corpus to token files: documents from local files, hub datasets or URLs -> t
     python data.py --dataset_name SOURCE --output_dir DIR --train_tokenizer --vocab_size 8192 --subsample_size_mb 8
 
 A SOURCE is a local file, a directory (its readable files, recursively, sorted by path) or a glob; a hub dataset,
-hf://datasets/ORG/NAME[@REVISION]/GLOB or ORG/NAME (with --dataset_config_name CONFIG: the files below CONFIG/);
+hf://datasets/ORG/NAME[@REVISION]/GLOB (exactly the files the glob names) or ORG/NAME (with --dataset_config_name
+CONFIG: the files below CONFIG/; of a dataset whose files name their splits, the train split's only, as
+load_dataset(..., split="train") reads it);
 or an http(s) URL, downloaded once into $DATA_URL_CACHE (default ~/.cache/clp-transfer/urls; append #sha256=HEX
 to have it checked). Hub files go through huggingface_hub and its cache, one file at a time. Several sources are read
 one after the other. What a document is depends on the file:
-    .txt .txt.gz                the whole file, read at once (--txt_documents line: each line; blank_line: blocks
-                                between empty lines, the layout of the original OSCAR .txt dumps)
+    .txt .txt.gz                the whole file (--txt_documents line: each line; blank_line: blocks between empty
+                                lines, the layout of the original OSCAR .txt dumps); a file above 64 KiB is read and
+                                tokenized in pieces, so a multi-GB dump needs no more memory than a small one
     .jsonl .json (.gz)          one JSON object per line, its --text_field
     .parquet                    one row, its --text_field column (needs pyarrow, an optional dependency)
     .xml                        one TEI novel (ELTeC), see read_tei
@@ -32,6 +35,7 @@ import fnmatch
 import glob
 import gzip
 import hashlib
+import http.client
 import itertools
 import json
 import os
@@ -98,6 +102,15 @@ def read_tei(path):
 
 
 
+MiB = 2**20
+PIECE_BYTES = 64 * 1024  # a long .txt document is read and tokenized in pieces of about this size
+
+
+class Piece(str):
+    """Part of a long .txt document that goes on in the next item: tokenized like any document, but the end-of-text
+    token comes only after the document's last part (a plain str)."""
+
+
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".xml")
 TXT_DOCUMENTS = ("file", "line", "blank_line")
 
@@ -162,6 +175,9 @@ def _read_parquet(path, text_field, stats):
                 text = _decode(text, stats, path)
             if isinstance(text, str):
                 yield text
+            elif text is not None:
+                raise UserError(f"{path}: column {text_field!r} holds {type(text).__name__} values, expected text "
+                                "(strings); choose another with --text_field")
 
 
 def read_file(path, text_field="text", txt_documents="file", stats=None):
@@ -181,7 +197,7 @@ def read_file(path, text_field="text", txt_documents="file", stats=None):
     else:
         docs = _read_text(path, kind, text_field, txt_documents, stats)
     for doc in docs:
-        if doc and not doc.isspace():
+        if isinstance(doc, Piece) or doc and not doc.isspace():
             yield doc
 
 
@@ -189,7 +205,7 @@ def _read_text(path, kind, text_field, txt_documents, stats):
     try:
         with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
             if kind == ".txt" and txt_documents == "file":
-                yield _decode(f.read(), stats, path)
+                yield from _txt_pieces(f, stats, path)
             elif kind == ".txt" and txt_documents == "line":
                 for n, raw in enumerate(f, 1):
                     yield _decode(raw, stats, path, n).rstrip("\r\n")
@@ -224,11 +240,57 @@ def _read_text(path, kind, text_field, txt_documents, stats):
         raise UserError(f"{path}: cannot read ({e})") from None
 
 
+WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def _txt_pieces(f, stats, path):
+    """A whole .txt file as one document, in pieces of about PIECE_BYTES: Piece, Piece, ..., str. Each cut follows a
+    newline that a non-space character follows, where a byte-level BPE's pre-tokenizer (GPT-2, GPT-NeoX) splits
+    anyway: the pieces tokenized one after the other give the whole document's ids (a test checks it)."""
+    pending, rest = None, b""
+    while block := f.read(PIECE_BYTES):
+        buf = rest + block
+        cut = buf.rfind(b"\n", 0, len(buf) - 1)
+        while cut >= 0 and buf[cut + 1] in WHITESPACE:
+            cut = buf.rfind(b"\n", 0, cut)
+        if cut < 0:  # no cut yet (a line longer than a piece): read on
+            rest = buf
+            continue
+        if pending is not None:
+            yield Piece(pending)
+        pending, rest = _decode(buf[:cut + 1], stats, path), buf[cut + 1:]
+    if rest or pending is None:
+        if pending is not None:
+            yield Piece(pending)
+        pending = _decode(rest, stats, path)
+    yield pending
+
+
+def whole_documents(docs):
+    """Documents with their pieces (see Piece) joined again."""
+    parts = []
+    for doc in docs:
+        if isinstance(doc, Piece):
+            parts.append(doc)
+        else:
+            yield "".join(parts) + doc if parts else doc
+            parts = []
+
+
 # -----------------------------------------------------------------------------
 # sources: local paths, hub datasets, URLs -> local files, fetched one at a time when the reader reaches them
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[^/]+)?$")
 HUB_METADATA = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}  # not documents
+# how a dataset's file paths name their splits (the keywords of the `datasets` library's data-file patterns)
+SPLIT_NAMES = {split: re.compile(rf"(^|[-._ 0-9/])({'|'.join(words)})([-._ 0-9/]|$)", re.IGNORECASE) for split, words in
+               (("train", ("train", "training")), ("validation", ("validation", "valid", "dev", "val")),
+                ("test", ("test", "testing", "eval", "evaluation")))}
+
+
+def split_of(path):
+    """The split a dataset file's path names (train, validation, test), or None."""
+    return next((split for split, pattern in SPLIT_NAMES.items() if pattern.search(path)), None)
 
 
 def open_source(spec, config_name=None, revision=None):
@@ -256,9 +318,9 @@ def open_source(spec, config_name=None, revision=None):
         files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
         if not files:
             raise UserError(f"{spec}: no files match")
-    elif HUB_ID.match(spec) and not spec.startswith("."):
+    elif HUB_ID.match(spec) and not spec.startswith(".") and not file_type(spec.partition("@")[0]):
         repo, _, rev = spec.partition("@")
-        return _hub_source(repo, rev or revision, f"{config_name}/**" if config_name else "", spec)
+        return _hub_source(repo, rev or revision, f"{config_name}/**" if config_name else "", spec, train_only=True)
     else:
         raise UserError(f"{spec}: no such file or directory (nor a hub dataset ORG/NAME, hf://datasets/... or URL)")
     for f in files:
@@ -275,9 +337,10 @@ def _listed(desc, fetchers):
     return desc, fetchers
 
 
-def _hub_source(repo_id, revision, pattern, spec):
+def _hub_source(repo_id, revision, pattern, spec, train_only=False):
     """A hub dataset's files matching `pattern` (fnmatch: * also crosses /; empty: all readable files), at one
-    commit. Listed through the hub API, or from the huggingface_hub cache when offline (HF_HUB_OFFLINE=1)."""
+    commit; with train_only, of files that name their splits (train/, validation-0000.parquet, ...) the train
+    split's only. Listed through the hub API, or from the huggingface_hub cache when offline (HF_HUB_OFFLINE=1)."""
     from huggingface_hub import HfApi, RepoFile, hf_hub_download, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -305,6 +368,8 @@ def _hub_source(repo_id, revision, pattern, spec):
                  for root, _, fs in os.walk(folder) for f in fs]
     names = sorted(n for n in names if file_type(n) and os.path.basename(n) not in HUB_METADATA
                    and (not pattern or fnmatch.fnmatchcase(n, pattern)))
+    if train_only and any(split_of(n) for n in names):
+        names = [n for n in names if split_of(n) == "train"]
     if not names:
         raise UserError(f"{where}: no readable files match {pattern or '*'} (expected {', '.join(SUFFIXES)})")
 
@@ -357,8 +422,11 @@ def _download(url, path):
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out, 1 << 20)
+            expected = response.headers.get("Content-Length")
+            if expected is not None and out.tell() != int(expected):  # the connection ended early
+                raise UserError(f"{url}: download incomplete ({out.tell()} of {int(expected)} bytes); run again")
         os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise UserError(f"{url}: download failed ({e})") from None
     finally:
         if os.path.exists(tmp):
@@ -375,6 +443,7 @@ def open_sources(sources, config_name=None, revision=None):
 
 
 def documents(opened, text_field="text", txt_documents="file", stats=None):
+    """The documents of opened sources, long .txt documents in pieces (see Piece)."""
     for _, files in opened:
         for fetch in files:
             yield from read_file(fetch(), text_field, txt_documents, stats)
@@ -383,7 +452,7 @@ def documents(opened, text_field="text", txt_documents="file", stats=None):
 def iter_documents(source, text_field="text", txt_documents="file", stats=None, config_name=None, revision=None):
     """Documents (strings) of one source or a list of them, in source order, streamed file by file. Sources are
     listed (and errors in them reported) when this is called; files are fetched and read as iteration reaches them."""
-    return documents(open_sources(source, config_name, revision), text_field, txt_documents, stats)
+    return whole_documents(documents(open_sources(source, config_name, revision), text_field, txt_documents, stats))
 
 
 # -----------------------------------------------------------------------------
@@ -422,15 +491,13 @@ def resolve_tokenizer(name, revision=None):
 
 
 def token_dtype(vocab_size):
-    """uint16 when every token id (0 ... vocab_size - 1) fits, i.e. vocab_size <= 65,536; else uint32."""
+    """uint16 when every token id (0 ... vocab_size - 1) fits, i.e. vocab_size <= 65,536; else uint32. vocab_size:
+    the largest id + 1 (a vocabulary may skip ids)."""
     return "uint16" if vocab_size - 1 <= np.iinfo(np.uint16).max else "uint32"
 
 
 # -----------------------------------------------------------------------------
 # the split and the token files
-
-MiB = 2**20
-
 
 def split_documents(docs, train_bytes=None, val_bytes=None):
     """The study's split: (split, document, UTF-8 bytes) in source order. Train takes documents while it holds fewer
@@ -441,13 +508,13 @@ def split_documents(docs, train_bytes=None, val_bytes=None):
     for split, budget in (("train", train_bytes), ("val", val_bytes)):
         if split == "val" and budget is None:
             return
-        size = 0
-        while budget is None or size < budget:
+        size, inside = 0, False
+        while budget is None or size < budget or inside:  # inside a document (its next piece): it stays whole
             doc = next(docs, None)
             if doc is None:
                 return
             n = len(doc.encode("utf-8"))
-            size += n
+            size, inside = size + n, isinstance(doc, Piece)
             yield split, doc, n
 
 
@@ -507,13 +574,15 @@ def write_tokens(items, tok, eos_id, dtype, out_dir, batch_bytes=MiB, progress=N
     start, tokens = time.time(), 0
     try:
         for split, docs, size in prefetch(batches(items, batch_bytes)):
-            ids = []
-            for enc in tok.encode_batch_fast(docs, add_special_tokens=False):
+            ids, ends = [], 0
+            for doc, enc in zip(docs, tok.encode_batch_fast(docs, add_special_tokens=False)):
                 ids += enc.ids
-                ids.append(eos_id)
+                if not isinstance(doc, Piece):  # a document's end (a piece: the document goes on)
+                    ids.append(eos_id)
+                    ends += 1
             np.array(ids, dtype=dtype).tofile(files[split])
             c = counts[split]
-            c["documents"], c["bytes"], c["tokens"] = c["documents"] + len(docs), c["bytes"] + size, c["tokens"] + len(ids)
+            c["documents"], c["bytes"], c["tokens"] = c["documents"] + ends, c["bytes"] + size, c["tokens"] + len(ids)
             tokens += len(ids)
             bar.update(size)
             bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9) / 1e3:.0f}k tokens/s", refresh=False)
@@ -583,7 +652,7 @@ def prepare(sources, output_dir, tokenizer=None, *, tokenizer_revision=None, sub
             tok_path = train_tokenizer_on(train_docs, vocab_size, tmp, progress)
             tok, _, sha, eos_id, eos = resolve_tokenizer(tok_path)
             stats["undecodable_documents"] = 0  # counted again while tokenizing; the warnings are not repeated
-        vocab = tok.get_vocab_size(with_added_tokens=True)
+        vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # the id range, which the count may not be
         dtype = token_dtype(vocab)
         total = (train_bytes + (val_bytes or 0)) if train_bytes and not val_opened else None
         counts = write_tokens(items(), tok, eos_id, dtype, tmp, int(batch_mb * MiB), progress and (total or True))

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from conftest import ELTEC, make_hub_cache, run_py
+from conftest import ELTEC, SHARED, make_hub_cache, run_py
 
 import data
 from model import UserError, sha256_file, tokenizer_sha256
@@ -147,6 +147,49 @@ def test_uint16_uint32_switch(tmp_path, vocab_size, dtype):
     assert os.path.getsize(tmp_path / "out" / "train.bin") == 4 * np.dtype(dtype).itemsize
 
 
+def test_dtype_follows_the_largest_id_not_the_count(tmp_path):
+    """A vocabulary may skip ids: three tokens with ids up to 70,000 need uint32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 70000}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    os.makedirs(tmp_path / "tok")
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    src = write_jsonl(tmp_path / "c.jsonl", ["a b", "b"])
+    meta = prep(src, tmp_path / "out", tmp_path / "tok", subsample_size_mb=1 / MiB, valid_percent=50)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70001
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint32").tolist() == [1, 70000, 0]
+
+
+def test_long_txt_file_in_pieces_tokenizes_as_a_whole(tmp_path, monkeypatch):
+    """A .txt file far larger than a piece (here 4 KiB) is one document: its pieces, tokenized one after the other
+    with the real Pythia tokenizer, give exactly the ids of the whole text, one end-of-text token, one document;
+    train/val never split it, and iter_documents gives it back whole."""
+    from tokenizers import Tokenizer
+
+    monkeypatch.setattr(data, "PIECE_BYTES", 4096)
+    novel = list(data.iter_documents(os.path.join(ELTEC, "deu", "DEU062.xml")))[0][:60_000]
+    # white space of every kind around the line ends: indented lines, blank lines, tabs, CRLF, a trailing space
+    text = novel.replace(". ", ".\n  ", 40).replace(", ", ",\n\n", 40).replace("; ", ";\t\n", 20)
+    text = text.replace("! ", "!\r\n", 20) + " \n"
+    (tmp_path / "novel.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "short.txt").write_text("Ein kurzes Dokument.", encoding="utf-8")
+    tok_dir = tmp_path / "pythia"
+    tok_dir.mkdir()
+    tok_file = os.path.join(SHARED, "tokenizers", "pythia-gpt-neox-20b-tokenizer.json")
+    (tok_dir / "tokenizer.json").write_bytes(open(tok_file, "rb").read())
+    pieces = list(data.documents(data.open_sources(str(tmp_path / "novel.txt"))))
+    assert len(pieces) > 10 and all(isinstance(p, data.Piece) for p in pieces[:-1])
+    assert not isinstance(pieces[-1], data.Piece) and "".join(pieces) == text
+    assert list(data.iter_documents(str(tmp_path / "novel.txt"))) == [text]
+    meta = prep([str(tmp_path / "novel.txt"), str(tmp_path / "short.txt")], tmp_path / "out", tok_dir,
+                subsample_size_mb=1 / MiB, valid_percent=1)  # train's budget ends inside the novel
+    whole = Tokenizer.from_file(tok_file).encode(text, add_special_tokens=False).ids
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint16").tolist() == whole + [0]
+    assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 1
+    assert meta["splits"]["train"]["bytes"] == len(text.encode())
+
+
 def test_literal_end_of_text_is_text(tmp_path, eltec_tokenizers):
     """A document that contains the string <|endoftext|> is not cut there: the eos id only separates documents."""
     tok = eltec_tokenizers["eng"]
@@ -249,6 +292,8 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path, monkeypatch):
         assert list(data.iter_documents(str(path))) == ["a", "b", "c"]
         with pytest.raises(UserError, match="no column 'body'"):
             list(data.iter_documents(str(path), text_field="body"))
+        with pytest.raises(UserError, match="column 'n' holds int values, expected text"):
+            list(data.iter_documents(str(path), text_field="n"))
     except ImportError:
         path.write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
@@ -370,13 +415,18 @@ def test_hub_dataset_offline(tmp_path, eltec_tokenizers):
     write_jsonl(files / "de" / "train" / "0000.jsonl", docs[:4])
     write_jsonl(files / "de" / "train" / "0001.jsonl", docs[4:])
     write_jsonl(files / "other.jsonl", ["not this one"])
+    (files / "de" / "validation").mkdir()
+    write_jsonl(files / "de" / "validation" / "0000.jsonl", ["nor the validation split"])
+    write_jsonl(files / "de" / "test-00000-of-00001.jsonl", ["nor the test split"])
     (files / "README.md").write_text("card")
     commit = "0123456789abcdef0123456789abcdef01234567"
     make_hub_cache(str(tmp_path / "hub"), "org/oscar-de", str(files), commit=commit)
     os.rename(tmp_path / "hub" / "models--org--oscar-de", tmp_path / "hub" / "datasets--org--oscar-de")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
     tok = eltec_tokenizers["deu"]
-    for i, source in enumerate([["hf://datasets/org/oscar-de/de/*.jsonl"],
+    # a glob names exactly its files; ORG/NAME --dataset_config_name takes the config's train split (as
+    # load_dataset(name, config, split="train") does)
+    for i, source in enumerate([["hf://datasets/org/oscar-de/de/train/*.jsonl"],
                                 ["org/oscar-de", "--dataset_config_name", "de"]]):
         out = tmp_path / f"out{i}"
         r = run_py(["data.py", "--dataset_name", *source, "--tokenizer", str(tok), "--output_dir", str(out),
@@ -432,6 +482,37 @@ def test_url_source_with_cache_and_sha256(tmp_path, http_dir, eltec_tokenizers, 
         list(data.iter_documents(f"{base}/other.jsonl"))
     with pytest.raises(UserError, match="#sha256=<64 hex digits>"):
         data.iter_documents(f"{base}/c.jsonl#md5=abc")
+
+
+def test_truncated_download_is_an_error_and_not_cached(tmp_path, monkeypatch):
+    """A server that promises 100,000 bytes and closes after 16: an error, and nothing in the cache."""
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b'{"text": "cut"}\n')
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("DATA_URL_CACHE", str(tmp_path / "cache"))
+    try:
+        with pytest.raises(UserError, match="c.jsonl: download (incomplete|failed)"):
+            list(data.iter_documents(f"http://127.0.0.1:{server.server_address[1]}/c.jsonl"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
+
+
+def test_missing_relative_file_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="corpus/missing.jsonl: no such file"):
+        data.iter_documents("corpus/missing.jsonl")
 
 
 # -----------------------------------------------------------------------------
