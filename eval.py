@@ -33,9 +33,11 @@ labels seen in gold or predictions) and n.
 
 Where task data comes from, per split, first match wins: `--task_data NAME=FILE` (test split; `NAME:train=FILE` for
 the train split) or `--task_data NAME=DIR` (a copy of the original files, named in the definition's `local` entry);
-then $EVAL_DATA_DIR/<local dir>/<file> when that file exists (tests and CI: EVAL_DATA_DIR=../shared/data/eval holds
-GermEval 2018); else the definition's `data` source, usually a hub dataset (hf://datasets/ORG/NAME[@REV]/FILES,
-through the huggingface_hub cache; HF_HUB_OFFLINE=1 reads only the cache). Parquet files need pyarrow.
+then $EVAL_DATA_DIR/<local dir>/<file> when that file exists; then ../shared/data/eval/<local dir>/<file> beside the
+repository (SHARED_EVAL_DATA; it holds GermEval 2018, so `--tasks germeval2018_coarse` runs offline as it is); else
+the definition's `data` source, usually a hub dataset (hf://datasets/ORG/NAME[@REV]/FILES, through the huggingface_hub
+cache; HF_HUB_OFFLINE=1 reads only the cache). Parquet files need pyarrow. Every task's definition and data are read,
+and every other input checked, before the model loads: a mistake in the last task costs seconds, not a scored run.
 
 The same evaluation with the study's harness, for an exported checkpoint (an HF-format directory; the OpenGPTX tasks
 live only on the legacy `master` branch, whose metrics need datasets<3):
@@ -69,7 +71,9 @@ from tqdm import tqdm
 import data
 from model import GPT, UserError, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli, write_json
 
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TASKS_DIR = os.path.join(ROOT, "tasks")
+SHARED_EVAL_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "eval")  # task data after $EVAL_DATA_DIR
 
 # -----------------------------------------------------------------------------
 # the model and its tokenizer
@@ -301,10 +305,11 @@ def task_sources(task, override=None):
         raise UserError(f"{task['name']}: a data directory needs the file names of a 'local' entry, which this "
                         f"definition lacks; give the files: --task_data {task['name']}=TEST_FILE "
                         f"[--task_data {task['name']}:train=TRAIN_FILE]")
-    if base is None and local and os.environ.get("EVAL_DATA_DIR"):
-        candidate = os.path.join(os.environ["EVAL_DATA_DIR"], local.get("dir", ""))
-        if os.path.isfile(os.path.join(candidate, local["test"])):
+    for root in (os.environ.get("EVAL_DATA_DIR"), SHARED_EVAL_DATA) if base is None and local else ():
+        candidate = os.path.join(root or "", local.get("dir", ""))
+        if root and os.path.isfile(os.path.join(candidate, local["test"])):
             base = candidate
+            break
     columns = (local or {}).get("columns")
     sources = {}
     for split in ("test", "train"):
@@ -489,11 +494,25 @@ def macro_f1(gold, pred):
     return sum(scores) / len(scores)
 
 
-def evaluate_task(model, tokenizer, task, num_fewshot=0, limit=None, seed=42, batch_size=8, max_length=None,
-                  prefix_token_id=None, dtype=None, data=None, progress=True):
-    """acc, macro_f1 and n of one task (a name, a definition path or dict). `data` overrides where the data comes
-    from: a test file, a directory with the original files, or {"test": ..., "train": ..., "dir": ...}."""
-    lm = make_lm(model, tokenizer, max_length, batch_size, prefix_token_id, dtype, progress)
+@dataclass
+class PreparedTask:
+    """A task ready to score: its checked definition, where its data came from, the examples kept and their
+    requests. Everything but the model's scores, so that the CLI prepares every task before the model loads."""
+    task: dict
+    sources: dict
+    examples: list
+    requests: list
+    skipped: int
+    num_fewshot: int
+
+
+def prepare_task(task, data=None, num_fewshot=0, limit=None, seed=42):
+    """A PreparedTask from a task (a name, a definition path or dict). `data` overrides where the data comes from:
+    a test file, a directory with the original files, or {"test": ..., "train": ..., "dir": ...}."""
+    if num_fewshot < 0:
+        raise UserError(f"num_fewshot={num_fewshot} must be at least 0")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit} must be at least 1")
     task = load_task(task)
     if isinstance(data, str):
         data = {"dir": data} if os.path.isdir(data) else {"test": data}
@@ -501,7 +520,12 @@ def evaluate_task(model, tokenizer, task, num_fewshot=0, limit=None, seed=42, ba
     test, skipped = load_split(task, sources, "test")
     train = load_split(task, sources, "train")[0] if num_fewshot else None
     examples, requests = task_requests(task, test, train, num_fewshot, seed, limit)
+    return PreparedTask(task, sources, examples, requests, skipped, num_fewshot)
 
+
+def score_task(lm, prepared):
+    """acc, macro_f1 and n (and the counts behind them) of a PreparedTask."""
+    task, examples, requests = prepared.task, prepared.examples, prepared.requests
     windows, owner = [], []  # every request becomes one or more windows; owner maps a window to its request
     flat, k = [r for per_example in requests for r in per_example], len(task["labels"])
     if task["scoring"] == "loglikelihood":  # one context per example, tokenized once, continuations apart
@@ -525,9 +549,17 @@ def evaluate_task(model, tokenizer, task, num_fewshot=0, limit=None, seed=42, ba
     pred = [labels[max(range(k), key=lambda j: scores[e * k + j])] for e in range(len(examples))]
     gold = [ex["label"] for ex in examples]
     return {"acc": sum(g == p for g, p in zip(gold, pred)) / len(gold), "macro_f1": macro_f1(gold, pred),
-            "n": len(gold), "num_fewshot": num_fewshot, "scoring": task["scoring"], "skipped": skipped,
-            "gold_counts": dict(Counter(gold)), "pred_counts": dict(Counter(pred)),
-            "data": {split: src for split, (src, _) in sources.items() if split == "test" or num_fewshot}}
+            "n": len(gold), "num_fewshot": prepared.num_fewshot, "scoring": task["scoring"],
+            "skipped": prepared.skipped, "gold_counts": dict(Counter(gold)), "pred_counts": dict(Counter(pred)),
+            "data": {split: src for split, (src, _) in prepared.sources.items()
+                     if split == "test" or prepared.num_fewshot}}
+
+
+def evaluate_task(model, tokenizer, task, num_fewshot=0, limit=None, seed=42, batch_size=8, max_length=None,
+                  prefix_token_id=None, dtype=None, data=None, progress=True):
+    """acc, macro_f1 and n of one task (a name, a definition path or dict); `data` as for prepare_task."""
+    lm = make_lm(model, tokenizer, max_length, batch_size, prefix_token_id, dtype, progress)
+    return score_task(lm, prepare_task(task, data, num_fewshot, limit, seed))
 
 
 # -----------------------------------------------------------------------------
@@ -547,6 +579,41 @@ def parse_task_data(items, names):
         kind = split or ("dir" if os.path.isdir(path) else "test")
         out.setdefault(name, {})[kind] = path
     return out
+
+
+DEVICES = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
+           "mps": lambda: torch.backends.mps.is_available()}
+
+
+def check_device(name):
+    """The torch.device `name` names, on this machine: a typo or a missing GPU is a one-line error before the task
+    data is read and the model loads (torch reports them as tracebacks, CUDA's only at the first .to())."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r}: not a device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type not in DEVICES:
+        raise UserError(f"--device {name!r}: eval.py runs on cpu, cuda, cuda:N or mps")
+    if not DEVICES[device.type]():
+        raise UserError(f"--device {name!r}: no {device.type.upper()} device available to this torch "
+                        f"{torch.__version__} (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_output(path):
+    """The result file must be writable where it is named: found out after scoring, the error would lose the run.
+    Creates nothing (write_json makes the missing directories at the end)."""
+    if os.path.isdir(path):
+        raise UserError(f"--output {path}: is a directory; name the JSON result file, e.g. {path}/results.json")
+    parent = existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output {path}: cannot create the directory {parent}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path}: {existing} is not writable")
 
 
 def format_table(results):
@@ -576,14 +643,15 @@ def main(argv=None):
     p.add_argument("--tasks", default="", help="comma-separated task names or definition .json paths")
     p.add_argument("--task_data", nargs="+", action="extend", default=[], metavar="NAME[:train]=PATH",
                    help="a local copy of a task's data: a test file, NAME:train=FILE, or a directory of the "
-                        "original files")
+                        "original files. Without it local data is looked for in $EVAL_DATA_DIR, then in "
+                        f"{os.path.relpath(SHARED_EVAL_DATA, ROOT)} (beside the repository), else the hub")
     p.add_argument("--num_fewshot", type=int, default=0)
     p.add_argument("--seed", type=int, default=42, help="shuffles test examples and draws few-shot examples")
     p.add_argument("--limit", type=int, default=None, help="at most N documents and N examples per task")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--max_length", type=int, default=None, help="window length (default: max_position_embeddings)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: max_length)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="bfloat16/float16: autocast over float32 weights")
     p.add_argument("--output", default=None, help="JSON result file (written atomically)")
@@ -594,22 +662,26 @@ def main(argv=None):
         for name in known_tasks():
             print(f"{name:<22} {load_task(name).get('description', '')}")
         return None
-    tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]  # checked before loading a model
-    names = [t["name"] for t in tasks]
+    # every input is checked, and every task's data read, before the model loads and anything is scored
     if not args.model:
         raise UserError("--model is required (an HF-format directory or hub id)")
+    check_device(args.device)
+    for flag, low in (("num_fewshot", 0), ("limit", 1), ("batch_size", 1), ("max_length", 1), ("stride", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least {low}")
+    if args.output:
+        check_output(args.output)
+    tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    names = [t["name"] for t in tasks]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise UserError(f"--tasks names {', '.join(twice)} more than once (results are keyed by task name)")
     if not args.ppl_files and not tasks:
         raise UserError(f"nothing to evaluate: give --ppl_files and/or --tasks (known: {', '.join(known_tasks())})")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: must be at least 1")
     task_data = parse_task_data(args.task_data, names)
-    for task in tasks:  # missing local files now, not after an hour of scoring
-        for split, (source, _) in task_sources(task, task_data.get(task["name"])).items():
-            if (split == "test" or args.num_fewshot) and not source.startswith("hf://") and not glob.glob(
-                    os.path.expanduser(source)):
-                raise UserError(f"task {task['name']} ({split} split): {source}: task data file not found")
     docs = data.iter_documents(args.ppl_files, text_field=args.text_field, txt_documents=args.txt_documents) \
         if args.ppl_files else None  # lists (and checks) every source now, reads them later
+    prepared = [prepare_task(task, task_data.get(name), args.num_fewshot, args.limit, args.seed)
+                for name, task in zip(names, tasks)]
     t0 = time.time()
     model, tokenizer, prefix = load_model(args.model, args.revision, args.device)
     common = dict(max_length=args.max_length, batch_size=args.batch_size, prefix_token_id=prefix, dtype=args.dtype)
@@ -618,10 +690,8 @@ def main(argv=None):
     if docs is not None:
         results.update(perplexity(model, tokenizer, islice(docs, args.limit), stride=args.stride, **common),
                        ppl_files=args.ppl_files)
-    results["tasks"] = {}
-    for name, task in zip(names, tasks):
-        results["tasks"][name] = evaluate_task(model, tokenizer, task, args.num_fewshot, args.limit, args.seed,
-                                               data=task_data.get(name), **common)
+    lm = make_lm(model, tokenizer, **common)
+    results["tasks"] = {name: score_task(lm, task) for name, task in zip(names, prepared)}
     results["seconds"] = round(time.time() - t0, 2)
     print(format_table(results))
     if args.output:

@@ -243,3 +243,99 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
 
     p = run_py(["eval.py", "--model", str(path), "--tasks", "nope"])  # the CLI: one line, exit code 1
     assert p.returncode == 1 and p.stderr.startswith("error: unknown task 'nope'") and "Traceback" not in p.stderr
+
+
+def test_germeval2018_offline_without_eval_data_dir(tiny, tmp_path, monkeypatch, capsys):
+    """The documented command finds ../shared/data/eval beside the repository (from any working directory);
+    $EVAL_DATA_DIR and --task_data still come first, the hub last."""
+    path, ref, model, tok = tiny
+    monkeypatch.delenv("EVAL_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, "hub_files", lambda url: pytest.fail(f"went to the hub for {url}"))
+    task = ev.load_task("germeval2018_coarse")
+    shared = os.path.join(EVAL_DATA, "germeval2018")
+    assert ev.task_sources(task)["test"][0] == os.path.join(shared, "germeval2018.test.txt")
+    r = ev.main(["--model", str(path), "--tasks", "germeval2018_coarse", "--limit", "3", "--num_fewshot", "1"])
+    assert r["tasks"]["germeval2018_coarse"]["n"] == 3
+    assert r["tasks"]["germeval2018_coarse"]["data"] == {"test": os.path.join(shared, "germeval2018.test.txt"),
+                                                         "train": os.path.join(shared, "germeval2018.training.txt")}
+
+    mine = tmp_path / "mine" / "germeval2018"
+    mine.mkdir(parents=True)
+    (mine / "germeval2018.test.txt").write_text("Ein Tweet\tOTHER\tOTHER\n")
+    monkeypatch.setenv("EVAL_DATA_DIR", str(tmp_path / "mine"))
+    assert ev.task_sources(task)["test"][0] == str(mine / "germeval2018.test.txt")
+    assert ev.task_sources(task, {"test": "x.tsv"})["test"][0] == "x.tsv"
+    monkeypatch.setenv("EVAL_DATA_DIR", str(tmp_path / "empty"))  # no copy there: the shared one
+    assert ev.task_sources(task)["test"][0] == os.path.join(shared, "germeval2018.test.txt")
+    monkeypatch.setattr(ev, "SHARED_EVAL_DATA", str(tmp_path / "nowhere"))
+    assert ev.task_sources(task)["test"][0].startswith("hf://datasets/")
+
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    assert "../shared/data/eval" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading the model (or scoring anything) fails the test: bad input must be reported before that."""
+    for name in ("load_model", "perplexity", "score_task"):
+        monkeypatch.setattr(ev, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran before the input was checked"))
+
+
+def test_bad_input_before_the_model_loads(tiny, tmp_path, monkeypatch, no_model):
+    path = str(tiny[0])
+    monkeypatch.setenv("EVAL_DATA_DIR", EVAL_DATA)
+    run = ["--model", path, "--tasks", "germeval2018_coarse"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device 'cuda': no CUDA device available"):
+        ev.main([*run, "--device", "cuda"])
+    for device in ("gpu", "cuda:x", "meta"):
+        with pytest.raises(UserError, match=f"--device '{device}': "):
+            ev.main([*run, "--device", device])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="this machine has 1 CUDA device"):
+        ev.main([*run, "--device", "cuda:1"])
+
+    with pytest.raises(UserError, match="is a directory"):
+        ev.main([*run, "--output", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=f"{tmp_path / 'file'} is a file"):
+        ev.main([*run, "--output", str(tmp_path / "file" / "sub" / "results.json")])
+    ev.check_output(str(tmp_path / "new" / "sub" / "results.json"))  # fine, and nothing created yet
+    assert not (tmp_path / "new").exists()
+
+    for flag, value in (("--num_fewshot", "-1"), ("--limit", "0"), ("--batch_size", "0"), ("--stride", "0")):
+        with pytest.raises(UserError, match=f"{flag} {value}: must be at least"):
+            ev.main([*run, flag, value])
+    with pytest.raises(UserError, match="num_fewshot=-1 must be at least 0"):
+        ev.prepare_task("germeval2018_coarse", num_fewshot=-1)
+
+    # the second task's data is read (and found wanting) before the first is scored
+    (tmp_path / "t.jsonl").write_text('{"s": "x", "y": "yes"}\n')
+    good = {"name": "good", "data": {"test": str(tmp_path / "t.jsonl")}, "label_field": "y", "labels": {"yes": "ja"},
+            "prompt": "{s}", "scoring": "loglikelihood"}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "bad.json").write_text(json.dumps({**good, "name": "bad", "prompt": "{text}"}))
+    (tmp_path / "gone.json").write_text(json.dumps({**good, "name": "gone", "data": {"test": str(tmp_path / "x.tsv")}}))
+    tasks = ["--model", path, "--tasks"]
+    with pytest.raises(UserError, match="has no field 'text'"):
+        ev.main([*tasks, f"{tmp_path / 'good.json'},{tmp_path / 'bad.json'}"])
+    with pytest.raises(UserError, match="task gone .test split.: .*x.tsv: task data file not found"):
+        ev.main([*tasks, f"germeval2018_coarse,{tmp_path / 'gone.json'}"])
+    with pytest.raises(UserError, match="no train split known"):
+        ev.main([*tasks, f"germeval2018_coarse,{tmp_path / 'good.json'}", "--num_fewshot", "1"])
+    with pytest.raises(UserError, match="names good more than once"):
+        ev.main([*tasks, f"{tmp_path / 'good.json'},{tmp_path / 'good.json'}"])
+
+    p = run_py(["eval.py", *run, "--device", "cuda"], env={"CUDA_VISIBLE_DEVICES": ""})  # the CLI: one line
+    assert p.returncode == 1 and p.stderr.startswith("error: --device 'cuda': ") and "Traceback" not in p.stderr
+
+
+def test_missing_relative_ppl_file(tiny, tmp_path, monkeypatch, no_model):
+    """dir/missing.txt names a file (a data-file suffix), not a hub dataset 'dir/missing.txt'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(UserError, match="dir/missing.txt: no such file"):
+        ev.main(["--model", str(tiny[0]), "--ppl_files", "dir/missing.txt"])
