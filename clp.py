@@ -134,15 +134,15 @@ def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, mi
         # the factorised sum, no (missing x shared) matrix: sum_j cos(h, h_j) e_j / sum_j cos(h, h_j)
         # = (h @ sum_j unit(h_j) e_j^T) / (h @ sum_j unit(h_j)); |h| cancels, so new rows need no normalising
         hsum = hs.sum(0)
-        m = torch.cat([hs.T @ e for e in es], dim=1)  # (d_helper, total width): one product per chunk for all
-        widths = [e.shape[1] for e in es]
+        ms = [hs.T @ e for e in es]  # (d_helper, d) each
     fallback = []
     for ids in tqdm(missing_helper_ids.split(chunk_size), desc=f"clp {weighting}", unit="chunk", disable=None):
         h = helper_emb[ids].to(dev, torch.float32)
         if weighting == "dense":
             total = h @ hsum  # the similarity sum times |h|: same sign
             bad = total <= 0
-            rows = ((h / torch.where(bad, 1.0, total)[:, None]) @ m).split(widths, dim=1)  # divide the narrow side
+            h_over_total = h / torch.where(bad, 1.0, total)[:, None]  # the division, on the narrower side
+            rows = [h_over_total @ m for m in ms]
         else:
             w, bad = clp_weights(F.normalize(h, dim=1) @ hs.T, weighting, top_k)
             if w.count_nonzero() < w.numel() / 4:  # topk, and sparsemax mostly: a sparse product is far cheaper
