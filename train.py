@@ -10,16 +10,21 @@ Config: the defaults in TrainConfig below, then each config file (python assignm
 
 import ast
 import difflib
+import importlib.util
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -27,8 +32,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
-from model import (GPT, GPTConfig, UserError, atomic_path, resolve_model_dir, run_cli, save_tokenizer,
-                   tokenizer_sha256, write_json)
+from model import (GPT, GPTConfig, UserError, atomic_path, load_tokenizer, resolve_model_dir, run_cli,
+                   save_tokenizer, tokenizer_sha256, write_json)
 
 
 @dataclass
@@ -49,7 +54,9 @@ class TrainConfig:
     # data and length: max_iters, else max_tokens, else epochs (passes over train.bin)
     block_size: int = 512
     batch_size: int = 8  # sequences per micro-batch per process
-    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step, summed over all processes
+    # micro-batches per optimizer step, summed over all processes: a multiple of their number, or fewer than them,
+    # which means one each (the study's per-device meaning: a step is then world_size x batch_size sequences)
+    gradient_accumulation_steps: int = 4
     max_iters: int = 0
     max_tokens: int = 0
     epochs: float = 1.0
@@ -71,7 +78,7 @@ class TrainConfig:
     embedding_warmup_frac: float = 0.01
     embedding_lr_schedule: str = "cosine"  # cosine | linear | constant
     embedding_batch_size: int = 0  # 0: batch_size
-    embedding_gradient_accumulation_steps: int = 0  # 0: gradient_accumulation_steps
+    embedding_gradient_accumulation_steps: int = 0  # 0: gradient_accumulation_steps (the same rule for processes)
     freeze_transformer: bool = True  # False: the study's "accelerated start" (all weights at the embedding LR)
     train_output_embeddings: bool = True  # embed_out trains in the embedding phase too (as in the study)
     # model for init_from='scratch' (vocab_size 0: the data's vocabulary padded to a multiple of 128)
@@ -87,7 +94,7 @@ class TrainConfig:
     compile: bool = False
     backend: str = "auto"  # DDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
     ddp_timeout_s: int = 600  # a rank that waits this long for a dead peer exits with an error
-    device_peak_flops: float = 0.0  # for MFU; 0: looked up for known GPUs, none on CPU
+    device_peak_flops: float = 0.0  # for MFU, at the run's dtype; 0: looked up for known GPUs, none on CPU
     max_nonfinite_steps: int = 0  # optimizer steps with a non-finite loss to skip before stopping
 
 
@@ -96,8 +103,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 CHOICES = {"lr_schedule": SCHEDULES + ("unified",), "embedding_lr_schedule": SCHEDULES,
            "phase_unit": ("steps", "tokens"), "warmup_relative_to": ("run", "phase"),
            "dtype": ("auto", "bfloat16", "float16", "float32"), "backend": ("auto", "nccl", "gloo")}
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                   "4090": 165e12, "3090": 71e12}
+# dense tensor-core peaks per card: (bf16 and fp16, TF32). float32 runs use the TF32 figure (the trainer turns TF32 on;
+# on these cards it is half the bf16 rate). The first matching name counts: H200 before H100, A100 before A10.
+PEAK_FLOPS = {"H200": (989e12, 494.7e12), "H100": (989e12, 494.7e12), "A100": (312e12, 156e12),
+              "L40S": (362e12, 183e12), "L4": (121e12, 60e12), "A10": (125e12, 62.5e12), "4090": (165e12, 82.6e12),
+              "3090": (71e12, 35.6e12)}
 
 
 # -----------------------------------------------------------------------------
@@ -106,7 +116,9 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 def parse_config(argv, defaults=None):
     """TrainConfig from the command line: python config files (assignments) and --key=value overrides. An unknown
-    key is an error that names the closest known key; values must have the default's type (ints pass as floats)."""
+    key is an error that names the closest known key; values must have the default's type (ints pass as floats).
+    A config file runs with __file__ set to its path, so it finds its base config from any working directory;
+    modules, functions and names starting with '_' in it are helpers, not config keys."""
     cfg = TrainConfig(**(defaults or {}))
     types = {f.name: f.type for f in fields(TrainConfig)}
 
@@ -143,7 +155,8 @@ def parse_config(argv, defaults=None):
                 raise UserError(f"{arg}: {what}")
             namespace = {}
             try:
-                exec(compile(open(arg, encoding="utf-8").read(), arg, "exec"), {}, namespace)
+                exec(compile(open(arg, encoding="utf-8").read(), arg, "exec"), {"__file__": os.path.abspath(arg)},
+                     namespace)
             except SyntaxError as e:
                 raise UserError(f"{arg}, line {e.lineno}: syntax error ({e.msg})") from None
             except Exception as e:
@@ -152,6 +165,50 @@ def parse_config(argv, defaults=None):
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     assign(key, value, arg)
     return cfg
+
+
+def check_config(cfg):
+    """Values in range, checked before anything loads: a slip costs a second, not a model load, a traceback an hour
+    in, or a run that trains nothing and exits 0."""
+    def bad(key, want):
+        raise UserError(f"{key}={getattr(cfg, key)!r}, expected {want}")
+
+    for f in fields(cfg):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            bad(f.name, "a finite number")
+    for key in ("block_size", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "ddp_timeout_s", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, key) <= 0:
+            bad(key, "a positive integer")
+    for key in ("embedding_batch_size", "embedding_gradient_accumulation_steps", "max_iters", "max_tokens",
+                "vocab_size", "intermediate_size"):
+        if getattr(cfg, key) < 0:
+            bad(key, "a positive integer (0: not set)")
+    if cfg.epochs < 0 or cfg.epochs == 0 and not (cfg.max_iters or cfg.max_tokens):
+        bad("epochs", "a positive number (or set max_iters or max_tokens)")
+    for key in ("max_nonfinite_steps", "weight_decay", "grad_clip", "device_peak_flops", "learning_rate",
+                "embedding_learning_rate", "min_lr"):
+        if getattr(cfg, key) < 0:
+            bad(key, "a number >= 0")
+    for key in ("embedding_tuning_frac", "warmup_frac", "embedding_warmup_frac", "rotary_pct"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            bad(key, "a fraction in [0, 1]")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            bad(key, "a number in [0, 1)")
+    emb_lr = cfg.embedding_tuning_frac > 0 and cfg.lr_schedule != "unified"  # the embedding phase's own peak
+    for key in ("learning_rate",) + (("embedding_learning_rate",) if emb_lr else ()):
+        if cfg.min_lr > getattr(cfg, key):
+            raise UserError(f"min_lr={cfg.min_lr:g} is above {key}={getattr(cfg, key):g} (the floor of the schedule)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        bad("device", "auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device!r}, but CUDA is not available here (torch {torch.__version__}); use "
+                        "device=cpu or auto")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        bad("device", f"one of the {torch.cuda.device_count()} GPUs here (cuda:0 ...)")
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
+        raise UserError("wandb_log=True, but wandb is not installed (pip install wandb, or wandb_log=False)")
 
 
 # -----------------------------------------------------------------------------
@@ -182,29 +239,45 @@ class Phase:
         return max(min_lr, self.peak_lr * lam)
 
 
-def plan_phases(cfg, train_blocks):
-    """Split the run into the embedding phase and the full phase. With phase_unit='steps' the run is N optimizer
-    steps and the embedding phase the first ceil(frac * N); with 'tokens' the run is a token budget and the
-    embedding phase spends frac of it at its own batch size (so a small embedding batch makes many steps)."""
+def micro_batches(grad_accum, world_size):
+    """Micro-batches per optimizer step over all processes: grad_accum, but at least one per process."""
+    return max(grad_accum, world_size)
+
+
+def plan_phases(cfg, train_blocks, world_size=1):
+    """Split the run into the embedding phase and the full phase. phase_unit='steps': the embedding phase is the
+    first ceil(frac * N) of N optimizer steps; 'tokens': it spends frac of the tokens at its own batch size (so a
+    small embedding batch makes many steps). max_iters is the number of optimizer steps in either unit; max_tokens
+    and epochs are a token budget, which either unit spends whatever the two phases' batch sizes."""
     T = cfg.block_size
     emb_bs = cfg.embedding_batch_size or cfg.batch_size
-    emb_ga = cfg.embedding_gradient_accumulation_steps or cfg.gradient_accumulation_steps
-    full_tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * T
+    emb_ga = micro_batches(cfg.embedding_gradient_accumulation_steps or cfg.gradient_accumulation_steps, world_size)
+    full_ga = micro_batches(cfg.gradient_accumulation_steps, world_size)
+    full_tokens_per_step = cfg.batch_size * full_ga * T
     emb_tokens_per_step = emb_bs * emb_ga * T
     frac = cfg.embedding_tuning_frac
-    if not 0.0 <= frac <= 1.0:
-        raise UserError(f"embedding_tuning_frac={frac} must lie in [0, 1]")
     budget = cfg.max_tokens or int(cfg.epochs * train_blocks * T)  # tokens
     if cfg.phase_unit == "steps":
-        total = cfg.max_iters or max(1, budget // full_tokens_per_step)
+        def spent(n):  # tokens of a run of n steps
+            return math.ceil(frac * n) * emb_tokens_per_step + (n - math.ceil(frac * n)) * full_tokens_per_step
+
+        total = cfg.max_iters
+        if not total:  # the most steps within the budget (spent(n) grows by one step's tokens per step)
+            total = max(1, int(budget / (frac * emb_tokens_per_step + (1 - frac) * full_tokens_per_step)))
+            while spent(total + 1) <= budget:
+                total += 1
+            while total > 1 and spent(total) > budget:
+                total -= 1
         emb_steps = math.ceil(frac * total)
         full_steps = total - emb_steps
+    elif cfg.max_iters:  # the token total t whose split makes exactly max_iters steps
+        t = cfg.max_iters / (frac / emb_tokens_per_step + (1 - frac) / full_tokens_per_step)
+        emb_steps = min(cfg.max_iters, max(int(frac > 0), round(frac * t / emb_tokens_per_step)))
+        full_steps = cfg.max_iters - emb_steps
     else:
-        if cfg.max_iters:
-            budget = cfg.max_iters * full_tokens_per_step
         emb_steps = math.ceil(frac * budget / emb_tokens_per_step)
         full_steps = max(0, math.ceil((budget - emb_steps * emb_tokens_per_step) / full_tokens_per_step))
-        total = emb_steps + full_steps
+    total = emb_steps + full_steps
     if total <= 0:
         raise UserError("the run has no steps: set max_iters, max_tokens or epochs")
 
@@ -215,15 +288,15 @@ def plan_phases(cfg, train_blocks):
     if cfg.lr_schedule == "unified":  # one warmup and one cosine over the whole run, both phases at learning_rate
         w = warmup(cfg.warmup_frac, total)
         phases = [Phase("embedding", 0, emb_steps, emb_bs, emb_ga, cfg.learning_rate, w, "cosine", (0, total)),
-                  Phase("full", emb_steps, full_steps, cfg.batch_size, cfg.gradient_accumulation_steps,
-                        cfg.learning_rate, w, "cosine", (0, total))]
+                  Phase("full", emb_steps, full_steps, cfg.batch_size, full_ga, cfg.learning_rate, w, "cosine",
+                        (0, total))]
         return [p for p in phases if p.steps > 0]
     if emb_steps:
         phases.append(Phase("embedding", 0, emb_steps, emb_bs, emb_ga, cfg.embedding_learning_rate,
                             warmup(cfg.embedding_warmup_frac, emb_steps), cfg.embedding_lr_schedule))
     if full_steps:
-        phases.append(Phase("full", emb_steps, full_steps, cfg.batch_size, cfg.gradient_accumulation_steps,
-                            cfg.learning_rate, warmup(cfg.warmup_frac, full_steps), cfg.lr_schedule))
+        phases.append(Phase("full", emb_steps, full_steps, cfg.batch_size, full_ga, cfg.learning_rate,
+                            warmup(cfg.warmup_frac, full_steps), cfg.lr_schedule))
     return phases
 
 
@@ -292,33 +365,131 @@ def forward_backward(model, batches, autocast, scaler, ddp, device):
 # the run
 
 
-@contextmanager
-def stop_on_signals():
-    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) only set a flag: the loop finishes its step, writes a
-    checkpoint and exits. The previous handlers come back afterwards (for notebooks and tests)."""
-    received = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+def json_safe(obj):
+    """JSON has no NaN or Infinity (json.dumps would write invalid tokens): a non-finite float is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def peak_flops(device_name, dtype):
+    """The card's dense peak for the run's dtype (PEAK_FLOPS); 0.0 for a card not listed (no MFU then)."""
+    bf16, tf32 = next((v for k, v in PEAK_FLOPS.items() if k in device_name), (0.0, 0.0))
+    return tf32 if dtype == "float32" else bf16
+
+
+def check_meta(meta, data_dir):
+    """Field types of meta.json (load_meta checks that the fields are there and the dtype): a wrong type is one
+    line naming the field, not a TypeError somewhere later."""
+    path = os.path.join(data_dir, "meta.json")
+    for key, ok, want in (("vocab_size", lambda v: type(v) is int and v > 0, "a positive integer"),
+                          ("eos_token_id", lambda v: type(v) is int and 0 <= v < meta["vocab_size"],
+                           "an integer id below vocab_size"),
+                          ("tokenizer_sha256", lambda v: type(v) is str, "a string"),
+                          ("tokenizer_file", lambda v: v is None or type(v) is str, "a path")):
+        if key in meta and not ok(meta[key]):
+            raise UserError(f"{path}: {key} is {meta[key]!r}, expected {want}")
+
+
+def check_ids(batch, path, rows):
+    """An id beyond the embedding rows would end the run mid-way in an index error (a device assert on a GPU); the
+    max of a batch on the host costs next to nothing, a scan of a multi-GB file at the start would not."""
+    top = max(int(batch[0].max()), int(batch[1].max()))
+    if top >= rows:
+        raise UserError(f"{path}: token id {top}, but the model has {rows} embedding rows (tokenized with another "
+                        "tokenizer, or a corrupt file)")
+    return batch
+
+
+def check_export_tokenizer(path, where):
+    """The export at the end copies this tokenizer: it must load now, not after hours of training."""
     try:
-        yield received
+        load_tokenizer(path)
+    except UserError as e:
+        raise UserError(f"{where}: {e}; the hf/ export at the end needs it (export_hf=False trains without it)") \
+            from None
+
+
+def export_hf(raw_model, tokenizer_dir, hf_dir):
+    """out_dir/hf (config, safetensors, tokenizer files) built under a temp name and renamed when complete, so it is
+    never a model without its tokenizer; a previous export goes only then."""
+    parent = os.path.dirname(os.path.abspath(hf_dir))
+    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
+    try:
+        raw_model.save_pretrained(tmp)
+        if tokenizer_dir:
+            save_tokenizer(tokenizer_dir, tmp)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); give it the mode os.mkdir would
+        if os.path.isdir(hf_dir):
+            old = tempfile.mkdtemp(prefix=".tmp-hf-old-", dir=parent)
+            os.replace(hf_dir, os.path.join(old, "hf"))
+            os.replace(tmp, hf_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, hf_dir)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
+def finished(summary_path, step):
+    """summary.json is written last, after the export: a run whose summary has reached `step` is complete."""
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            return json.load(f)["steps"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+class Stop(BaseException):
+    """SIGTERM or SIGINT outside the training loop, or a second one: the run ends at once (args: the signal)."""
+
+
+@contextmanager
+def signals_handled():
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C). In the training loop (stop.deferred) the first one only
+    sets a flag: the loop finishes its step, writes a checkpoint and exits. Anywhere else (loading, the evaluations
+    and the export outside the loop) and a second signal anywhere raise Stop at once: there is no step to finish,
+    and every checkpoint on disk is complete. The previous handlers come back afterwards (for notebooks and tests)."""
+    stop = SimpleNamespace(received=[], deferred=False)
+
+    def handler(signum, frame):
+        stop.received.append(signum)
+        if not stop.deferred or len(stop.received) > 1:
+            raise Stop(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv=None, defaults=None):
-    with stop_on_signals() as stop_signal:
-        try:
-            run(sys.argv[1:] if argv is None else argv, defaults, stop_signal)
-        except RuntimeError as e:  # a dead or hung peer: say so in one line instead of a collective's traceback
-            peer_failure = isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Timed out"))
-            if not dist.is_initialized() or not peer_failure or os.environ.get("DEBUG"):
-                raise
-            raise UserError(f"rank {dist.get_rank()}: a DDP peer died or stopped answering "
-                            f"({str(e).splitlines()[0][-160:]}); restart with init_from=resume") from None
+    try:
+        with signals_handled() as stop:
+            try:
+                run(sys.argv[1:] if argv is None else argv, defaults, stop)
+            except RuntimeError as e:  # a dead or hung peer: say so in one line instead of a collective's traceback
+                peer_failure = isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Timed out"))
+                if not dist.is_initialized() or not peer_failure or os.environ.get("DEBUG"):
+                    raise
+                raise UserError(f"rank {dist.get_rank()}: a DDP peer died or stopped answering "
+                                f"({str(e).splitlines()[0][-160:]}); restart with init_from=resume") from None
+    except Stop as e:
+        print(f"stopped by {signal.Signals(e.args[0]).name} outside a training step (or a second time): exiting now; "
+              "a checkpoint already written is complete", file=sys.stderr)
+        sys.exit(128 + e.args[0])
 
 
-def run(argv, defaults, stop_signal):
+def run(argv, defaults, stop):
     cfg = parse_config(argv, defaults)
     resume = cfg.init_from == "resume"
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -333,6 +504,7 @@ def run(argv, defaults, stop_signal):
         saved = TrainConfig(**checkpoint["config"])
         # a resumed run keeps its saved settings; only what the command line gives again (argv) overrides them
         cfg = parse_config(argv, {**asdict(saved), "init_from": "resume"})
+    check_config(cfg)
 
     # ---- processes, device, precision
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -347,10 +519,15 @@ def run(argv, defaults, stop_signal):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
     master = rank == 0
-    for key in ("gradient_accumulation_steps", "embedding_gradient_accumulation_steps"):
-        if getattr(cfg, key) % world_size:
-            raise UserError(f"{key}={getattr(cfg, key)} is not divisible by the {world_size} processes (it counts "
-                            "micro-batches per optimizer step over all processes)")
+    for key, batch in (("gradient_accumulation_steps", cfg.batch_size),
+                       ("embedding_gradient_accumulation_steps", cfg.embedding_batch_size or cfg.batch_size)):
+        value = getattr(cfg, key)
+        if value >= world_size and value % world_size:
+            raise UserError(f"{key}={value} is not divisible by the {world_size} processes (it counts micro-batches "
+                            "per optimizer step over all processes; fewer than the processes means one each)")
+        if 0 < value < world_size and master and (key == "gradient_accumulation_steps" or cfg.embedding_tuning_frac):
+            print(f"{key}={value} is fewer than the {world_size} processes: each runs one micro-batch per optimizer "
+                  f"step, {world_size} x {batch} sequences")
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -360,22 +537,38 @@ def run(argv, defaults, stop_signal):
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed + rank)
 
-    # ---- data
+    # ---- data and the plan (a finished run stops here)
     meta = load_meta(cfg.data_dir)
+    check_meta(meta, cfg.data_dir)
     train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rank,
                         world_size)
     val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rank, world_size)
+    phases = plan_phases(cfg, train_data.n_blocks, world_size)
+    total_steps = phases[-1].start + phases[-1].steps
+    step = checkpoint["step"] if resume else 0
+    summary_path = os.path.join(cfg.out_dir, "summary.json")
+    if resume and step >= total_steps and not cfg.eval_only and finished(summary_path, step):
+        if master:
+            print(f"nothing to do: {cfg.out_dir} finished at step {step} (raise max_iters, max_tokens or epochs to "
+                  "train on)")
+        if ddp:
+            dist.destroy_process_group()
+        return
 
     # ---- model
     if resume:
         model_config = GPTConfig(**checkpoint["model_config"])
         tokenizer_dir = checkpoint["tokenizer_dir"]
+        if tokenizer_dir and cfg.export_hf:
+            check_export_tokenizer(tokenizer_dir, f"{ckpt_path}: tokenizer_dir")
         raw_model = GPT(model_config)
         raw_model.load_state_dict(checkpoint["model"])
         model_source = f"{ckpt_path} (from {checkpoint['config']['init_from']})"
     elif cfg.init_from == "scratch":
         tokenizer_file = meta.get("tokenizer_file")  # relative to the data directory, or absolute
         tokenizer_dir = os.path.join(cfg.data_dir, tokenizer_file) if tokenizer_file else ""
+        if tokenizer_dir and cfg.export_hf:
+            check_export_tokenizer(tokenizer_dir, f"{os.path.join(cfg.data_dir, 'meta.json')}: tokenizer_file")
         vocab_size = cfg.vocab_size or -(-meta["vocab_size"] // 128) * 128
         model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
@@ -400,14 +593,15 @@ def run(argv, defaults, stop_signal):
                         f"{model_config.block_size}")
     raw_model.to(device)
 
-    phases = plan_phases(cfg, train_data.n_blocks)
-    total_steps = phases[-1].start + phases[-1].steps
     optimizer = configure_optimizer(raw_model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    step, tokens, pos, best_val = 0, 0, 0, float("inf")
+    tokens, pos, best_val, last_val, nonfinite, phase_stats = 0, 0, float("inf"), None, 0, {}
     if resume:
-        step, tokens, pos = checkpoint["step"], checkpoint["tokens"], checkpoint["pos"]
+        tokens, pos = checkpoint["tokens"], checkpoint["pos"]
         best_val = checkpoint.get("best_val_loss", best_val)
+        last_val = checkpoint.get("val_loss")  # the latest evaluation: at a finished run's last step, its final one
+        nonfinite = checkpoint.get("nonfinite_steps", 0)
+        phase_stats = checkpoint.get("phase_stats", {})  # so that summary.json covers the whole run
         set_trainable(raw_model, phase_at(phases, step), cfg)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -423,14 +617,14 @@ def run(argv, defaults, stop_signal):
     eval_model = model.module if ddp else model  # no DDP collectives during evaluation
 
     # ---- measuring
-    peak_flops = cfg.device_peak_flops or (next((v for k, v in PEAK_BF16_FLOPS.items()
-                                                 if k in torch.cuda.get_device_name(device)), 0.0)
-                                           if device_type == "cuda" else 0.0)
+    peak = cfg.device_peak_flops or (peak_flops(torch.cuda.get_device_name(device), dtype)
+                                     if device_type == "cuda" else 0.0)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        for f in os.listdir(cfg.out_dir):  # temp files of a write that was killed
+        for f in os.listdir(cfg.out_dir):  # temp files and directories of a write that was killed
             if f.startswith(".tmp-"):
-                os.remove(os.path.join(cfg.out_dir, f))
+                tmp = os.path.join(cfg.out_dir, f)
+                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
         write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
         print(f"{model_source}: {raw_model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
               f"{world_size} process(es) on {device}, {dtype}; {train_data.n_blocks} train blocks of {cfg.block_size}")
@@ -443,18 +637,27 @@ def run(argv, defaults, stop_signal):
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     metrics_file = None
-    if master:  # a resumed run drops what the interrupted one logged after its checkpoint
+    if master:  # a resumed run drops what the interrupted one logged after its checkpoint, and a line cut short
         kept = []
         if resume and os.path.isfile(metrics_path):
             with open(metrics_path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # the process was killed while writing it
+                        break
+                    raise UserError(f"{metrics_path}, line {i + 1}: not valid JSON") from None
+                if record["step"] <= step and "val_full_loss" not in record:  # the final pass comes again
+                    kept.append(line)
         with atomic_path(metrics_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
         metrics_file = open(metrics_path, "a", encoding="utf-8")
 
     def log(record):
         if master:
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             metrics_file.flush()
             if wandb:
                 wandb.log(record, step=record["step"])
@@ -478,7 +681,7 @@ def run(argv, defaults, stop_signal):
         n = val_data.n_blocks if full else eval_blocks()
         nll = torch.zeros(2, dtype=torch.float64, device=device)
         for start in range(0, n, B * world_size):
-            x, y = val_data.batch(start, B)
+            x, y = check_ids(val_data.batch(start, B), val_data.path, model_config.vocab_size)
             keep = (start + rank * B + torch.arange(B) < n).to(device)  # the last global batch may be partial
             x, y = x.to(device), y.to(device)
             with autocast:
@@ -507,7 +710,7 @@ def run(argv, defaults, stop_signal):
                      "scaler": scaler.state_dict(), "model_config": asdict(model_config),
                      "tokenizer_dir": tokenizer_dir, "config": asdict(cfg),
                      "step": step, "phase": phase.name, "tokens": tokens, "pos": pos, "best_val_loss": best_val,
-                     "rng": rng}
+                     "val_loss": last_val, "nonfinite_steps": nonfinite, "phase_stats": phase_stats, "rng": rng}
             with atomic_path(ckpt_path) as tmp:
                 with open(tmp, "wb") as f:
                     torch.save(state, f)
@@ -518,7 +721,7 @@ def run(argv, defaults, stop_signal):
 
     # ---- stop requests: finish the step, checkpoint, exit (all ranks together)
     def should_stop():
-        flag = float(bool(stop_signal))
+        flag = float(bool(stop.received))
         if ddp:
             t = torch.tensor([flag], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -536,17 +739,16 @@ def run(argv, defaults, stop_signal):
     # ---- the loop
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step", mininterval=1.0)
-    nonfinite = 0
-    phase_stats = {}
     verify_grads = False
-    record = {}
+    first_step = True  # the first step after the model was (re)built: compile, allocator warm-up
+    stop.deferred = True  # from here a signal stops the run at the next step boundary, with a checkpoint
     while step < total_steps:
         if step >= phase.start + phase.steps:  # the switch, exactly at the boundary
             phase = phase_at(phases, step)
             set_trainable(raw_model, phase, cfg)
             model = wrap(raw_model, cfg, ddp, local_rank, device_type)
             eval_model = model.module if ddp else model
-            verify_grads = True
+            verify_grads = first_step = True
             if device_type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         lr = phase.lr(step, cfg.min_lr)
@@ -554,11 +756,13 @@ def run(argv, defaults, stop_signal):
             group["lr"] = lr
         t0 = time.time()
         accum = phase.grad_accum // world_size
-        batches = [train_data.batch(pos + i * phase.batch_size * world_size, phase.batch_size) for i in range(accum)]
+        batches = [check_ids(train_data.batch(pos + i * phase.batch_size * world_size, phase.batch_size),
+                             train_data.path, model_config.vocab_size) for i in range(accum)]
         pos += accum * phase.batch_size * world_size
         loss_value = all_mean(forward_backward(model, batches, autocast, scaler, ddp, device).item())
         step_tokens = phase.batch_size * phase.grad_accum * cfg.block_size
-        if not math.isfinite(loss_value):
+        skipped = not math.isfinite(loss_value)
+        if skipped:  # only the update is skipped: the step counts, evaluates and checkpoints like any other
             nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
             if nonfinite > cfg.max_nonfinite_steps:
@@ -567,22 +771,20 @@ def run(argv, defaults, stop_signal):
                                 + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
             if master:
                 tqdm.write(f"step {step + 1}: non-finite loss, step skipped ({nonfinite}/{cfg.max_nonfinite_steps})")
-            step += 1
-            tokens += step_tokens
-            log({"step": step, "phase": phase.name, "tokens": tokens, "lr": lr, "loss": None, "skipped": True})
-            continue
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], cfg.grad_clip)
-        if verify_grads:  # the first step after the switch: every parameter trains, ranks agree
-            missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
-            assert not missing, f"no gradients after the phase switch for {missing[:3]}"
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if verify_grads and ddp:
-            assert ranks_identical(raw_model), "ranks diverged after the phase switch"
-        verify_grads = False
+        else:
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None],
+                                               cfg.grad_clip)
+            if verify_grads:  # the first step after the switch: every parameter trains, ranks agree
+                missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
+                assert not missing, f"no gradients after the phase switch for {missing[:3]}"
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if verify_grads and ddp:
+                assert ranks_identical(raw_model), "ranks diverged after the phase switch"
+            verify_grads = False
         if device_type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.time() - t0
@@ -591,36 +793,41 @@ def run(argv, defaults, stop_signal):
         tok_s = step_tokens / dt
         record = {"step": step, "phase": phase.name, "tokens": tokens, "lr": lr, "loss": loss_value, "dt_s": dt,
                   "tokens_per_s": tok_s}
-        if peak_flops:
-            record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / world_size / peak_flops
+        if skipped:
+            record.update(loss=None, skipped=True)
+        if peak:
+            record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / world_size / peak
         if device_type == "cuda":
             record["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        stats = phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0})
+        stats = phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0, "first_steps": 0,
+                                                    "first_steps_seconds": 0.0})
         stats["steps"] += 1
         stats["tokens"] += step_tokens
         stats["seconds"] += dt
+        if first_step:  # reported apart, and left out of the phase's tokens/s
+            stats["first_steps"] += 1
+            stats["first_steps_seconds"] += dt
+            first_step = False
         if "peak_mem_mb" in record:
             stats["peak_mem_mb"] = record["peak_mem_mb"]
-        last = step == total_steps
-        if step % cfg.eval_interval == 0 or last:
-            val = evaluate()
-            best_val = min(best_val, val)
-            record.update(val_loss=val, val_ppl=perplexity(val))
-            if last:  # the whole validation file too (the periodic evaluations read the same first batches)
-                full = val if eval_blocks() == val_data.n_blocks else evaluate(full=True)
-                record.update(val_full_loss=full, val_full_ppl=perplexity(full))
+        evaluating = step % cfg.eval_interval == 0 or step == total_steps
+        if evaluating:
+            last_val = evaluate()
+            best_val = min(best_val, last_val)
+            record.update(val_loss=last_val, val_ppl=perplexity(last_val))
             if master:
-                tqdm.write(f"step {step} ({phase.name}): train loss {loss_value:.4f}, val loss {val:.4f}, "
-                           f"ppl {perplexity(val):.2f}" + (f"; whole validation set {full:.4f}" if last else ""))
+                tqdm.write(f"step {step} ({phase.name}): train loss {loss_value:.4f}, val loss {last_val:.4f}, "
+                           f"ppl {perplexity(last_val):.2f}")
         log(record)
         bar.update(1)
         bar.set_postfix(phase=phase.name, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if step % cfg.eval_interval == 0 or last:
+        if evaluating:
             save_checkpoint()
-        if not last and should_stop():
-            save_checkpoint()
+        if should_stop():
+            if not evaluating:
+                save_checkpoint()
             bar.close()
-            signum = stop_signal[0] if stop_signal else signal.SIGTERM
+            signum = stop.received[0] if stop.received else signal.SIGTERM
             if master:
                 print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path}; continue "
                       f"with init_from=resume", file=sys.stderr)
@@ -628,24 +835,29 @@ def run(argv, defaults, stop_signal):
                 dist.destroy_process_group()
             sys.exit(128 + signum)
     bar.close()
+    stop.deferred = False  # the end: a signal stops the run at once (the last step's checkpoint is complete)
+    if stop.received:
+        raise Stop(stop.received[0])
 
-    # ---- the end: summary and HF export
+    # ---- the end: the whole validation set, the HF export, then summary.json (written last: the run is complete)
+    full = last_val if last_val is not None and eval_blocks() == val_data.n_blocks else evaluate(full=True)
+    log({"step": step, "phase": phase.name, "tokens": tokens, "val_full_loss": full, "val_full_ppl": perplexity(full)})
     identical = ranks_identical(raw_model) if ddp else None
     if master:
-        summary = {"steps": step, "tokens": tokens, "best_val_loss": best_val, "final_val_loss": record.get("val_loss"),
-                   "final_val_full_loss": record.get("val_full_loss"), "phases": phase_stats,
-                   "world_size": world_size, "ddp_ranks_identical": identical}
-        for s in phase_stats.values():
-            s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else None
-        summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        print(f"step {step}: whole validation set loss {full:.4f}, ppl {perplexity(full):.2f}")
         assert identical is not False, "DDP ranks ended with different weights"
         if cfg.export_hf:
             hf_dir = os.path.join(cfg.out_dir, "hf")
-            raw_model.save_pretrained(hf_dir)
-            if tokenizer_dir:
-                save_tokenizer(tokenizer_dir, hf_dir)
+            export_hf(raw_model, tokenizer_dir, hf_dir)
             print(f"exported {hf_dir}")
+        for s in phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
+            timed, seconds = s["steps"] - s["first_steps"], s["seconds"] - s["first_steps_seconds"]
+            s["tokens_per_s"] = s["tokens"] / s["steps"] * timed / seconds if timed and seconds > 0 else None
+        summary = {"steps": step, "tokens": tokens, "best_val_loss": best_val, "final_val_loss": last_val,
+                   "final_val_full_loss": full, "phases": phase_stats, "world_size": world_size,
+                   "ddp_ranks_identical": identical,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        write_json(summary_path, json_safe(summary))
     if ddp:
         dist.destroy_process_group()
 

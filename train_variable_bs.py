@@ -1,7 +1,8 @@
 """
 The study's variable-batch-size run: train.py with the embedding phase measured in tokens (a share of the data, not
-of the steps), trained at a small batch (1 sequence, no accumulation: every sequence is an optimizer step), and each
-phase warming up over its own length. Everything else, the config files and --key=value included, is train.py's.
+of the steps), trained at a small batch (1 sequence, no accumulation: every sequence is an optimizer step; under
+torchrun every process runs one), and each phase warming up over its own length. Everything else, the config files
+and --key=value included, is train.py's.
 
     python train_variable_bs.py config/oscar_de_variable_batch_size.py
 """

@@ -2,7 +2,9 @@
 # ELTeC novels. Every variant gets the same token budget; the demo sets init_from and the phase keys per variant:
 #   python train.py config/demo_target.py --init_from=out/demo/init-clp --out_dir=out/demo/runs/clp
 #   python train.py config/demo_target.py --init_from=out/demo/init-clp --embedding_tuning_frac=0.1 ...
-exec(open("config/demo_source.py").read())
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), "demo_source.py")).read())
 out_dir = "out/demo/runs/clp"
 data_dir = "out/demo/data-deu"
 init_from = "out/demo/init-clp"

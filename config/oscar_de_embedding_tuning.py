@@ -1,6 +1,8 @@
 # The study's "Embedding Tuning": the first 10% of the steps train only the token embeddings (input and output, the
 # transformer frozen) at 1e-3, then the full model at 3e-4; each phase warms up (1% of the run) and decays on its own.
-exec(open("config/oscar_de_baseline.py").read())
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), "oscar_de_baseline.py")).read())
 out_dir = "out/oscar_de_embedding_tuning"
 embedding_tuning_frac = 0.1
 phase_unit = "steps"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, metrics, run_py, train_args, weights
 
+import data
 import train
 from model import GPT, UserError
 
@@ -234,3 +235,156 @@ def german_text_file(tmp_path):
     if not path.exists():
         path.write_text(eltec_texts("deu", limit_chars=20_000)[0])
     return path
+
+
+def data_copy(corpus, tmp_path):
+    import shutil
+
+    shutil.copytree(corpus / "data", tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_token_id_beyond_the_vocabulary(corpus, tmp_path):
+    """A token file with an id the model has no embedding row for: one line naming the file and the id, at the
+    first batch that holds it (no index error mid-run)."""
+    import numpy as np
+
+    data_dir = data_copy(corpus, tmp_path)
+    for split in ("train", "val"):
+        clean = (data_dir / f"{split}.bin").read_bytes()
+        tokens = np.memmap(data_dir / f"{split}.bin", dtype=np.uint16, mode="r+")
+        tokens[::50] = 65535  # in every block
+        tokens.flush()
+        del tokens
+        with pytest.raises(UserError, match=f"{data_dir / f'{split}.bin'}: token id 65535, but the model has "):
+            train.main(train_args(corpus, tmp_path / split, f"--data_dir={data_dir}", "--max_iters=2",
+                                  f"--eval_at_start={split == 'val'}"))
+        (data_dir / f"{split}.bin").write_bytes(clean)
+
+
+def test_meta_json_field_of_the_wrong_type(corpus, tmp_path):
+    data_dir = data_copy(corpus, tmp_path)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    for key, value in (("vocab_size", str(meta["vocab_size"])), ("eos_token_id", 1.5), ("tokenizer_sha256", 7)):
+        (data_dir / "meta.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(UserError, match=f"{data_dir / 'meta.json'}: {key} is {value!r}, expected"):
+            train.main(train_args(corpus, tmp_path / "out", f"--data_dir={data_dir}", "--max_iters=2"))
+
+
+def test_missing_tokenizer_fails_at_the_start_and_the_export_is_atomic(corpus, tmp_path, monkeypatch):
+    """A tokenizer the export will need must load before training (scratch: meta.json's tokenizer_file; resume: the
+    checkpoint's tokenizer_dir); an export that fails leaves no half-written hf/ and keeps the previous one."""
+    data_dir = data_copy(corpus, tmp_path)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({**meta, "tokenizer_file": str(tmp_path / "moved")}))
+    with pytest.raises(UserError, match=f"meta.json: tokenizer_file: {tmp_path / 'moved'}: no tokenizer found"):
+        train.main(train_args(corpus, tmp_path / "scratch", f"--data_dir={data_dir}", "--init_from=scratch",
+                              "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2"))
+    assert not (tmp_path / "scratch" / "ckpt.pt").exists()
+
+    out = tmp_path / "run"
+    run_args = train_args(corpus, out, "--max_iters=2", "--eval_interval=2")
+    train.main(run_args)
+    exported = (out / "hf" / "model.safetensors").read_bytes()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "tokenizer_dir": str(tmp_path / "moved")}, out / "ckpt.pt")
+    with pytest.raises(UserError, match=f"ckpt.pt: tokenizer_dir: {tmp_path / 'moved'}: no tokenizer found"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+    torch.save(ckpt, out / "ckpt.pt")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_tokenizer", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+    assert (out / "hf" / "model.safetensors").read_bytes() == exported  # the previous export, whole
+    assert sorted(os.listdir(out / "hf")) == ["config.json", "model.safetensors", "special_tokens_map.json",
+                                               "tokenizer.json", "tokenizer_config.json"]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_skipped_steps_still_evaluate_and_checkpoint(corpus, tmp_path, monkeypatch):
+    """A skipped non-finite step skips only the update: at an eval boundary and as the last step it still
+    evaluates and checkpoints, the final evaluation happens, and the count of skips survives a resume."""
+    forward, calls, bad = GPT.forward, [], {3, 7}  # the first micro-batches of steps 2 and 4
+
+    def nan_loss(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if targets is not None:
+            calls.append(1)
+            if len(calls) in bad:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", nan_loss)
+    run_args = train_args(corpus, tmp_path, "--max_iters=4", "--eval_interval=2", "--max_nonfinite_steps=2")
+    train.main(run_args)
+    log = metrics(tmp_path)
+    assert [m["step"] for m in log if m.get("skipped")] == [2, 4]
+    assert [m["step"] for m in log if m.get("val_loss") is not None] == [2, 4]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_val_loss"] == log[-2]["val_loss"] and summary["final_val_full_loss"] is not None
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["nonfinite_steps"] == 2
+    calls.clear()
+    bad.clear()
+    bad.add(1)  # the resumed run's first step: a third skip is one too many
+    with pytest.raises(UserError, match=r"non-finite training loss \(nan\) at step 5"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=6"])
+
+
+def test_signal_outside_the_loop_or_a_second_one_stops_at_once(corpus, tmp_path, monkeypatch, capsys):
+    """An eval_only run (no training step to finish) stops at the signal; in a training step a second signal
+    stops at once, without waiting for the step boundary. Exit code 128 + signal, one line."""
+    batch = data.Blocks.batch
+
+    def sigterm_in_validation(self, pos, batch_size):
+        if self.shuffle_seed is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, pos, batch_size)
+
+    monkeypatch.setattr(data.Blocks, "batch", sigterm_in_validation)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(corpus, tmp_path / "eval", "--eval_only=True"))
+    assert stop.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stopped by SIGTERM outside a training step"), err
+
+    def sigint_twice(self, pos, batch_size):
+        if self.shuffle_seed is not None and pos == 2 * 8:  # in step 3
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch(self, pos, batch_size)
+
+    monkeypatch.setattr(data.Blocks, "batch", sigint_twice)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(corpus, tmp_path / "twice", "--max_iters=12", "--eval_interval=100"))
+    assert stop.value.code == 128 + signal.SIGINT
+    assert [m["step"] for m in metrics(tmp_path / "twice")] == [1, 2] and not (tmp_path / "twice" / "ckpt.pt").exists()
+
+
+def test_metrics_are_strict_json_and_a_cut_line_is_dropped(corpus, tmp_path, monkeypatch):
+    """NaN and infinity are written as null (JSON has neither); a resume drops a last line cut short by a kill."""
+    forward = GPT.forward
+
+    def nan_logits(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        return (logits * float("nan"), loss) if targets is None else (logits, loss)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+
+    run_args = train_args(corpus, tmp_path, "--max_iters=2", "--eval_interval=1")
+    with monkeypatch.context() as m:
+        m.setattr(GPT, "forward", nan_logits)
+        train.main(run_args)
+    log = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["val_loss"] is None and log[0]["val_ppl"] is None and log[-1]["val_full_loss"] is None
+    summary = strict((tmp_path / "summary.json").read_text())
+    assert summary["best_val_loss"] is None and summary["final_val_loss"] is None
+
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "phase": "fu')  # killed while writing
+    train.main([*run_args, "--init_from=resume", "--max_iters=3"])
+    assert [strict(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 3]

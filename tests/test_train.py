@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import re
 import signal
+import sys
 
 import pytest
 import torch
-from conftest import metrics, run_py, train_args as args, weights
+from conftest import ROOT, metrics, run_py, train_args as args, weights
 from safetensors.torch import load_file
 
 import data
@@ -60,7 +62,8 @@ def test_embedding_phase_freezes_transformer_then_everything_trains(corpus, tmp_
     for name, tensor in end.items():
         assert not torch.equal(tensor, start[name]), f"{name} never trained"
         assert torch.equal(tensor, weights(tmp_path / "whole")[name]), f"{name} differs from the uninterrupted run"
-    assert [m["loss"] for m in metrics(tmp_path / "stopped")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+    losses = [[m.get("loss") for m in metrics(tmp_path / run)] for run in ("stopped", "whole")]
+    assert losses[0] == losses[1]
 
 
 def expected_lr(step, start, steps, warmup, peak, min_lr, schedule):
@@ -111,16 +114,141 @@ def test_plan_matches_the_study(corpus):
         1e-3 * (1 + math.cos(math.pi * 10 / 90)) / 2)
 
 
+def test_plan_spends_max_iters_or_the_token_budget():
+    """max_iters is the number of optimizer steps in tokens mode too; a token budget is spent in steps mode too,
+    whatever the embedding batch; accumulation below the number of processes means one micro-batch each."""
+    cfg = train.parse_config(["config/oscar_de_variable_batch_size.py", "--max_iters=1000"])
+    emb, full = train.plan_phases(cfg, train_blocks=64_000)  # t = 1000 / (0.1 / 512 + 0.9 / 32768) tokens
+    assert (emb.steps, full.steps) == (877, 123)
+    assert emb.steps * 512 / (emb.steps * 512 + full.steps * 64 * 512) == pytest.approx(0.1, abs=0.001)
+    cfg = train.parse_config(["config/oscar_de_variable_batch_size.py", "--max_iters=10",
+                              "--embedding_tuning_frac=0.0001"])
+    assert [p.steps for p in train.plan_phases(cfg, train_blocks=64_000)] == [1, 9]  # a phase asked for is there
+    cfg = train.parse_config(["config/oscar_de_embedding_tuning.py", "--embedding_batch_size=1",
+                              "--embedding_gradient_accumulation_steps=1", "--max_tokens=16384000"])
+    emb, full = train.plan_phases(cfg, train_blocks=10**6)
+    spent = emb.steps * 512 + full.steps * 8 * 4 * 512
+    assert emb.steps == math.ceil(0.1 * (emb.steps + full.steps)) and 16384000 - 8 * 4 * 512 < spent <= 16384000
+    cfg = train.parse_config(["config/oscar_de_variable_batch_size.py", "--max_iters=0", "--epochs=1.0"])
+    emb, full = train.plan_phases(cfg, train_blocks=64_000, world_size=2)
+    assert (emb.grad_accum, full.grad_accum, emb.steps, full.steps) == (2, 4, 3200, 900)
+
+
+def test_config_files_load_their_base_from_any_directory(tmp_path, monkeypatch):
+    """A config file's own location is the base of its exec(...) of another; its helpers (os, __file__, _names)
+    are not config keys, a typo still is an error."""
+    monkeypatch.chdir(tmp_path)
+    for name in os.listdir(os.path.join(ROOT, "config")):
+        if name.endswith(".py"):
+            train.parse_config([os.path.join(ROOT, "config", name)])
+    cfg = train.parse_config([os.path.join(ROOT, "config", "oscar_de_variable_batch_size.py")])
+    assert (cfg.embedding_tuning_frac, cfg.learning_rate, cfg.min_lr, cfg.batch_size) == (0.1, 3e-4, 3e-5, 16)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.py").write_text("learning_rate = 1e-4\n")
+    (tmp_path / "sub" / "mine.py").write_text("import os\n_here = os.path.dirname(__file__)\n"
+                                              "exec(open(os.path.join(_here, 'base.py')).read())\nbatch_size = 3\n")
+    cfg = train.parse_config(["sub/mine.py"])
+    assert (cfg.learning_rate, cfg.batch_size) == (1e-4, 3)
+    (tmp_path / "sub" / "typo.py").write_text("import os\nlearing_rate = 1e-4\n")
+    with pytest.raises(UserError, match="unknown config key 'learing_rate'.*'learning_rate'"):
+        train.parse_config(["sub/typo.py"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--block_size=0"], "block_size=0, expected a positive integer"),
+    (["--batch_size=-1"], "batch_size=-1, expected a positive integer"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps=0, expected a positive integer"),
+    (["--eval_interval=0"], "eval_interval=0, expected a positive integer"),
+    (["--eval_iters=0"], "eval_iters=0, expected a positive integer"),
+    (["--embedding_batch_size=-2"], "embedding_batch_size=-2, expected a positive integer"),
+    (["--embedding_gradient_accumulation_steps=-1"], "embedding_gradient_accumulation_steps=-1, expected"),
+    (["--max_iters=-5"], "max_iters=-5, expected a positive integer"),
+    (["--max_tokens=-1"], "max_tokens=-1, expected a positive integer"),
+    (["--epochs=0"], "epochs=0.0, expected a positive number"),
+    (["--epochs=-1"], "epochs=-1.0, expected a positive number"),
+    (["--learning_rate=-1e-3", "--min_lr=0"], "learning_rate=-0.001, expected a number >= 0"),
+    (["--learning_rate=1e999"], "learning_rate=inf, expected a finite number"),
+    (["--min_lr=0.01"], "min_lr=0.01 is above learning_rate=0.003"),
+    (["--embedding_tuning_frac=0.1", "--embedding_learning_rate=1e-4"], "min_lr=0.0003 is above embedding_learning"),
+    (["--warmup_frac=1.5"], "warmup_frac=1.5, expected a fraction in [0, 1]"),
+    (["--embedding_tuning_frac=-0.1"], "embedding_tuning_frac=-0.1, expected a fraction in [0, 1]"),
+    (["--device=gpu"], "device='gpu', expected auto, cpu, cuda or cuda:N"),
+    (["--device=cuda"], "device='cuda', but CUDA is not available here"),
+    (["--wandb_log=True"], "wandb_log=True, but wandb is not installed"),
+])
+def test_values_out_of_range_are_errors_before_the_model_loads(corpus, tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what find_spec sees when wandb is not installed
+    monkeypatch.setattr(train, "load_meta", lambda *a: pytest.fail("the data and the model must not load"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main(args(corpus, tmp_path, *overrides))
+
+
+def test_resume_keeps_the_phase_statistics_and_leaves_a_finished_run_alone(corpus, tmp_path, monkeypatch, capsys):
+    """Stopped in the embedding phase and resumed: summary.json covers the whole run, and each phase's tokens/s
+    leaves out the first step after the model was built (start, resume, switch: compile time). Resuming the finished
+    run says so and touches nothing; one stopped before its summary was written redoes only the end."""
+    run_args = args(corpus, tmp_path, "--max_iters=6", "--eval_interval=3", "--embedding_tuning_frac=0.5")
+    batch = data.Blocks.batch
+
+    def batch_then_sigterm(self, pos, batch_size):  # during step 2
+        if self.shuffle_seed is not None and pos == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, pos, batch_size)
+
+    monkeypatch.setattr(data.Blocks, "batch", batch_then_sigterm)
+    with pytest.raises(SystemExit):
+        train.main(run_args)
+    monkeypatch.setattr(data.Blocks, "batch", batch)
+    train.main([*run_args, "--init_from=resume"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    emb, full = summary["phases"]["embedding"], summary["phases"]["full"]
+    assert (emb["steps"], emb["tokens"], emb["first_steps"]) == (3, 3 * 256, 2)  # the start and the resume
+    assert (full["steps"], full["tokens"], full["first_steps"]) == (3, 3 * 256, 1)  # the switch
+    dt = {m["step"]: m["dt_s"] for m in metrics(tmp_path) if "dt_s" in m}
+    assert emb["tokens_per_s"] == pytest.approx(256 / dt[2])
+    assert full["tokens_per_s"] == pytest.approx(512 / (dt[5] + dt[6]))
+    assert emb["first_steps_seconds"] == pytest.approx(dt[1] + dt[3])
+
+    files = [tmp_path / "summary.json", tmp_path / "metrics.jsonl", tmp_path / "hf" / "model.safetensors"]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    capsys.readouterr()
+    train.main([*run_args, "--init_from=resume"])
+    assert f"nothing to do: {tmp_path} finished at step 6" in capsys.readouterr().out
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    # stopped in the end phase (the last checkpoint written, no summary yet): a resume redoes only the end
+    (tmp_path / "summary.json").unlink()
+    train.main([*run_args, "--init_from=resume"])
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert {k: v for k, v in again.items() if k != "peak_rss_mb"} == {k: v for k, v in summary.items()
+                                                                      if k != "peak_rss_mb"}
+
+
+def test_peak_flops_for_the_runs_dtype():
+    assert train.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert train.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494.7e12  # TF32, which the trainer turns on
+    assert train.peak_flops("NVIDIA A10", "float16") == 125e12 and train.peak_flops("Some CPU", "float32") == 0.0
+
+
 def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
-    """DDP on CPU (gloo): ranks stay identical through the switch, and the run equals a single process with the same
-    global batch (the same blocks per step, the gradients averaged instead of accumulated)."""
+    """DDP on CPU (gloo) through train_variable_bs.py, whose embedding phase accumulates 1 micro-batch, fewer than
+    the processes: each runs one (a step of 2 x 1 sequences). Ranks stay identical through the switch, and the run
+    equals a single process with the same global batch (the same blocks per step, gradients averaged instead of
+    accumulated)."""
+    from train_variable_bs import VARIABLE_BATCH_DEFAULTS
+
     common = args(corpus, tmp_path, "--max_iters=8", "--eval_interval=4", "--embedding_tuning_frac=0.5")
-    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_variable_bs.py",
                 *[a.replace(str(tmp_path), str(tmp_path / "ddp")) for a in common]], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("embedding_gradient_accumulation_steps=1 is fewer than the 2 processes") == 1, r.stdout
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ddp_ranks_identical"] is True
-    train.main([a.replace(str(tmp_path), str(tmp_path / "single")) for a in common])
+    assert summary["phases"]["embedding"]["steps"] == 6 and summary["phases"]["full"]["steps"] == 2
+    assert summary["tokens"] == 6 * 2 * 32 + 2 * 4 * 2 * 32  # the effective accumulation counts
+    train.main([*[a.replace(str(tmp_path), str(tmp_path / "single")) for a in common],
+                "--embedding_gradient_accumulation_steps=2"], defaults=VARIABLE_BATCH_DEFAULTS)
+    assert json.loads((tmp_path / "single" / "summary.json").read_text())["tokens"] == summary["tokens"]
     ddp_w, single_w = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for name in single_w:
         torch.testing.assert_close(ddp_w[name], single_w[name], rtol=1e-4, atol=1e-5)
