@@ -1,4 +1,4 @@
-"""make demo DEMO=quick, end to end on the real ELTeC novels: data, source and helper, CLP, five German variants,
+"""make demo DEMO=quick, end to end on the real ELTeC novels: data, source and helper, CLP, six German variants,
 evaluation, report and plot; a rerun finds every stage cached."""
 
 import json
@@ -22,14 +22,15 @@ def test_quick_demo_end_to_end(tmp_path):
                  if "val_ppl" in line]
         assert abs(summary["tokens"] - 60_000) <= 8 * 64 and curve[-1] < curve[0] / 2, (name, curve)  # one step
         finals[name] = curve[-1]
-    # the method works even at this scale: CLP ends well below training from scratch on the same tokens
-    assert finals["clp"] < 0.9 * finals["scratch"], finals
+    # the method works even at this scale: CLP (with the extrapolation fallback the tiny helper needs) ends well
+    # below training from scratch on the same tokens
+    assert finals["clp_guarded"] < 0.9 * finals["scratch"], finals
     clp_report = json.loads((tmp_path / "init-clp" / "clp_report.json").read_text())
     assert 0 < clp_report["shared_tokens"] < 1024
 
     again = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env={"ELTEC_DIR": ELTEC})
     assert again.returncode == 0 and ": running" not in again.stdout, again.stdout
-    assert again.stdout.count(": cached") == 14
+    assert again.stdout.count(": cached") == 16
 
 
 def test_tokens_to_reach():
