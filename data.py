@@ -728,11 +728,19 @@ def load_meta(data_dir):
                         f"{data_dir}` or `make data`)")
     path = os.path.join(data_dir, "meta.json")
     meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: a JSON {type(meta).__name__}, expected an object")
     missing = [k for k in META_FIELDS if k not in meta]
     if missing:
         raise UserError(f"{path}: missing fields {', '.join(missing)}")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise UserError(f"{path}: dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    for key, ok, want in (("dtype", lambda v: v in ("uint16", "uint32"), "'uint16' or 'uint32'"),
+                          ("vocab_size", lambda v: type(v) is int and v > 0, "a positive integer"),
+                          ("eos_token_id", lambda v: type(v) is int and 0 <= v < meta["vocab_size"],
+                           "an integer id below vocab_size"),
+                          ("tokenizer_sha256", lambda v: type(v) is str, "a string"),
+                          ("tokenizer_file", lambda v: v is None or type(v) is str, "a path")):
+        if key in meta and not ok(meta[key]):
+            raise UserError(f"{path}: {key} is {meta[key]!r}, expected {want}")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         file = os.path.join(data_dir, f"{split}.bin")

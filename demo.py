@@ -19,6 +19,7 @@ Each finished stage is kept: a rerun skips it (a training run that was interrupt
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -186,7 +187,8 @@ def report(out, mode_name):
     for name, label, init, _, _ in VARIANTS:
         run_dir = os.path.join(out, "runs", name)
         metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-        curves[label] = [(m["tokens"], m["val_ppl"]) for m in metrics if "val_ppl" in m]
+        curves[label] = [(m["tokens"], math.inf if m["val_ppl"] is None else m["val_ppl"]) for m in metrics
+                         if "val_ppl" in m]
         summary = read_json(os.path.join(run_dir, "summary.json"))
         start = word_ppl(out, os.path.join(out, init), os.path.join(out, "heldout-deu"), init)
         end = word_ppl(out, os.path.join(run_dir, "hf"), os.path.join(out, "heldout-deu"), f"final-{name}")
@@ -222,8 +224,9 @@ def report(out, mode_name):
 
 
 def big(x):
-    """A perplexity for the table: digits up to a billion, then powers of ten (a diverged start reaches 1e190)."""
-    return f"{x:,.0f}" if x < 1e9 else f"{x:.1e}"
+    """A perplexity for the table: digits up to a billion, then powers of ten (a diverged start reaches 1e190);
+    beyond floating point (null in the JSON files): inf."""
+    return "inf" if x is None or x == math.inf else f"{x:,.0f}" if x < 1e9 else f"{x:.1e}"
 
 
 def clp_report_summary(r):

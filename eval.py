@@ -183,8 +183,13 @@ def rolling_windows(tokens, prefix_token_id, max_length, stride=None):
 
 
 def perplexity_metrics(nll, tokens, words, n_bytes):
-    return {"token_perplexity": math.exp(nll / tokens), "word_perplexity": math.exp(nll / words) if words else None,
-            "byte_perplexity": math.exp(nll / n_bytes), "bits_per_byte": nll / (n_bytes * math.log(2))}
+    return {"token_perplexity": exp(nll / tokens), "word_perplexity": exp(nll / words) if words else None,
+            "byte_perplexity": exp(nll / n_bytes), "bits_per_byte": nll / (n_bytes * math.log(2))}
+
+
+def exp(x):
+    """math.exp, but a diverged model's perplexity (beyond 1.8e308) is inf rather than an OverflowError."""
+    return math.exp(x) if x < 709.78 else math.inf
 
 
 def perplexity(model, tokenizer, documents, max_length=None, stride=None, batch_size=8, prefix_token_id=None,

@@ -10,6 +10,7 @@ project shares: hub resolution, tokenizer files, atomic writes and the one-line 
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -58,10 +59,22 @@ def atomic_path(path):
 
 
 def write_json(path, obj):
+    """Strict JSON, written atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
+            json.dump(json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
             f.write("\n")
+
+
+def json_safe(obj):
+    """JSON has no NaN or Infinity (json.dumps would write invalid tokens): a non-finite float is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def read_json(path):

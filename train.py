@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
-from model import (GPT, GPTConfig, UserError, atomic_path, load_tokenizer, resolve_model_dir, run_cli,
+from model import (GPT, GPTConfig, UserError, atomic_path, json_safe, load_tokenizer, resolve_model_dir, run_cli,
                    save_tokenizer, tokenizer_sha256, write_json)
 
 
@@ -365,34 +365,10 @@ def forward_backward(model, batches, autocast, scaler, ddp, device):
 # the run
 
 
-def json_safe(obj):
-    """JSON has no NaN or Infinity (json.dumps would write invalid tokens): a non-finite float is written as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def peak_flops(device_name, dtype):
     """The card's dense peak for the run's dtype (PEAK_FLOPS); 0.0 for a card not listed (no MFU then)."""
     bf16, tf32 = next((v for k, v in PEAK_FLOPS.items() if k in device_name), (0.0, 0.0))
     return tf32 if dtype == "float32" else bf16
-
-
-def check_meta(meta, data_dir):
-    """Field types of meta.json (load_meta checks that the fields are there and the dtype): a wrong type is one
-    line naming the field, not a TypeError somewhere later."""
-    path = os.path.join(data_dir, "meta.json")
-    for key, ok, want in (("vocab_size", lambda v: type(v) is int and v > 0, "a positive integer"),
-                          ("eos_token_id", lambda v: type(v) is int and 0 <= v < meta["vocab_size"],
-                           "an integer id below vocab_size"),
-                          ("tokenizer_sha256", lambda v: type(v) is str, "a string"),
-                          ("tokenizer_file", lambda v: v is None or type(v) is str, "a path")):
-        if key in meta and not ok(meta[key]):
-            raise UserError(f"{path}: {key} is {meta[key]!r}, expected {want}")
 
 
 def check_ids(batch, path, rows):
@@ -539,7 +515,6 @@ def run(argv, defaults, stop):
 
     # ---- data and the plan (a finished run stops here)
     meta = load_meta(cfg.data_dir)
-    check_meta(meta, cfg.data_dir)
     train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rank,
                         world_size)
     val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rank, world_size)
@@ -857,7 +832,7 @@ def run(argv, defaults, stop):
                    "final_val_full_loss": full, "phases": phase_stats, "world_size": world_size,
                    "ddp_ranks_identical": identical,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        write_json(summary_path, json_safe(summary))
+        write_json(summary_path, summary)
     if ddp:
         dist.destroy_process_group()
 

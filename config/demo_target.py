@@ -8,7 +8,7 @@ exec(open(os.path.join(os.path.dirname(__file__), "demo_source.py")).read())
 out_dir = "out/demo/runs/clp"
 data_dir = "out/demo/data-deu"
 init_from = "out/demo/init-clp"
-max_tokens = 600_000
+max_tokens = 500_000
 eval_interval = 20
 eval_iters = 8
 embedding_learning_rate = 3e-3

@@ -339,3 +339,13 @@ def test_missing_relative_ppl_file(tiny, tmp_path, monkeypatch, no_model):
     (tmp_path / "dir").mkdir()
     with pytest.raises(UserError, match="dir/missing.txt: no such file"):
         ev.main(["--model", str(tiny[0]), "--ppl_files", "dir/missing.txt"])
+
+
+def test_a_diverged_model_has_infinite_perplexity_written_as_null(tmp_path):
+    from eval import perplexity_metrics
+    from model import read_json, write_json
+
+    m = perplexity_metrics(nll=1e6, tokens=1000, words=100, n_bytes=5000)
+    assert m["word_perplexity"] == m["token_perplexity"] == float("inf") and m["bits_per_byte"] > 0
+    write_json(tmp_path / "r.json", m)  # strict JSON: no Infinity token
+    assert read_json(str(tmp_path / "r.json"))["word_perplexity"] is None
