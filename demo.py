@@ -257,10 +257,15 @@ def plot(out, curves):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # the y axis stops at twice the highest start below 1e6: a diverged start (1e189) would flatten every curve
+    top = 2 * max((p for curve in curves.values() for _, p in curve if p < 1e6), default=1e6)
     for label, curve in curves.items():
+        if curve and curve[0][1] > top:
+            label += f" (starts at {big(curve[0][1])})"
         ax.plot([t / 1e3 for t, _ in curve], [p for _, p in curve], label=label, linestyle="--" if
                 label == "from scratch" else "-")
     ax.set_yscale("log")
+    ax.set_ylim(0.8 * min(p for curve in curves.values() for _, p in curve), top)
     ax.set_xlabel("German training tokens (thousands)")
     ax.set_ylabel("validation perplexity (token)")
     ax.set_title("CLP-Transfer at toy scale: German targets from an English source")
