@@ -36,16 +36,14 @@ import dataclasses
 import glob
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, UserError, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli,
-                   save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+from model import (GPT, UserError, atomic_dir, load_tokenizer, read_json, read_special_tokens, resolve_model_dir,
+                   run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 
 WEIGHTINGS = ("dense", "topk", "sparsemax")
 OUTPUT_EMBEDDINGS = ("clp", "source_by_id", "random")
@@ -243,7 +241,8 @@ def special_token_rows(helper_special, helper_vocab, source_special, source_voca
     for role, token in sorted(helper_special.items()):
         hid = helper_vocab.get(token)
         if hid is None:
-            report[role] = {"token": token, "id": None, "init": "not in the helper vocabulary: left out of the target's tokenizer files"}
+            report[role] = {"token": token, "id": None,
+                            "init": "not in the helper vocabulary: left out of the target's tokenizer files"}
         elif token in source_vocab:
             report[role] = {"token": token, "id": hid, "init": f"shared (source id {source_vocab[token]})"}
         elif source_special.get(role) in source_vocab:
@@ -294,14 +293,7 @@ def target_model(source, embed_in, embed_out, **config):
 def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, report, started=None):
     """Build the target directory under a temporary name beside `path`, rename it at the end: never half-written.
     With `started` (a time.time()), the report's seconds include the writing."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(os.path.abspath(path)))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the target is an ordinary directory
-    old = None
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         if pad_token_id is not None:
             config = read_json(os.path.join(tmp, "config.json"))
@@ -310,18 +302,6 @@ def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, repor
         if started is not None:
             report["seconds"] = round(time.time() - started, 2)
         write_json(os.path.join(tmp, "clp_report.json"), report)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-" + os.path.basename(os.path.abspath(path)))
-            os.replace(path, os.path.join(old, "target"))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old and not os.path.exists(path):
-            os.replace(os.path.join(old, "target"), path)
-        raise
-    finally:
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model_path=None,

@@ -43,7 +43,6 @@ import queue
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -54,8 +53,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from model import (UserError, load_tokenizer, read_special_tokens, resolve_model_dir, run_cli, save_tokenizer,
-                   sha256_file, tokenizer_sha256, write_json)
+from model import (UserError, atomic_dir, atomic_path, load_tokenizer, read_special_tokens, resolve_model_dir, run_cli,
+                   save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 
 # -----------------------------------------------------------------------------
 # readers: each yields documents (strings) in source order
@@ -417,20 +416,14 @@ def _url_source(spec):
 
 
 def _download(url, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with atomic_path(path) as tmp, open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out, 1 << 20)
             expected = response.headers.get("Content-Length")
             if expected is not None and out.tell() != int(expected):  # the connection ended early
                 raise UserError(f"{url}: download incomplete ({out.tell()} of {int(expected)} bytes); run again")
-        os.replace(tmp, path)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise UserError(f"{url}: download failed ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def open_sources(sources, config_name=None, revision=None):
@@ -643,10 +636,7 @@ def prepare(sources, output_dir, tokenizer=None, *, tokenizer_revision=None, sub
             for doc in documents(val_opened, text_field, txt_documents, stats):
                 yield "val", doc, len(doc.encode("utf-8"))
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(output_dir)}-", dir=parent)
-    try:
+    with atomic_dir(output_dir) as tmp:  # --override: the old directory goes only once the new one is complete
         if train_tokenizer:
             train_docs = (doc for _, doc, _ in itertools.takewhile(lambda item: item[0] == "train", items()))
             tok_path = train_tokenizer_on(train_docs, vocab_size, tmp, progress)
@@ -674,19 +664,6 @@ def prepare(sources, output_dir, tokenizer=None, *, tokenizer_revision=None, sub
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(os.path.join(tmp, "meta.json"), meta)
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); give it the mode os.mkdir would
-        if os.path.isdir(output_dir):  # --override: the old directory goes only once the new one is complete
-            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(output_dir)}-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "d"))
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return meta
 
 

@@ -58,6 +58,34 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary directory beside `path`; when the block finishes without an exception it takes `path`'s
+    place (a previous `path` goes only then, and comes back if the rename fails). Never a half-written directory."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+    old = None
+    try:
+        yield tmp
+        umask = os.umask(0)  # mkdtemp creates it private (0700); give it the mode os.mkdir would
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".tmp-old-{name}-")
+            os.replace(path, os.path.join(old, name))
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old:
+                os.replace(os.path.join(old, name), path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path, obj):
     """Strict JSON, written atomically."""
     with atomic_path(path) as tmp:

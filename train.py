@@ -19,7 +19,6 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
-from model import (GPT, GPTConfig, UserError, atomic_path, json_safe, load_tokenizer, resolve_model_dir, run_cli,
-                   save_tokenizer, tokenizer_sha256, write_json)
+from model import (GPT, GPTConfig, UserError, atomic_dir, atomic_path, json_safe, load_tokenizer, resolve_model_dir,
+                   run_cli, save_tokenizer, tokenizer_sha256, write_json)
 
 
 @dataclass
@@ -393,25 +392,10 @@ def check_export_tokenizer(path, where):
 def export_hf(raw_model, tokenizer_dir, hf_dir):
     """out_dir/hf (config, safetensors, tokenizer files) built under a temp name and renamed when complete, so it is
     never a model without its tokenizer; a previous export goes only then."""
-    parent = os.path.dirname(os.path.abspath(hf_dir))
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
-    try:
+    with atomic_dir(hf_dir) as tmp:
         raw_model.save_pretrained(tmp)
         if tokenizer_dir:
             save_tokenizer(tokenizer_dir, tmp)
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); give it the mode os.mkdir would
-        if os.path.isdir(hf_dir):
-            old = tempfile.mkdtemp(prefix=".tmp-hf-old-", dir=parent)
-            os.replace(hf_dir, os.path.join(old, "hf"))
-            os.replace(tmp, hf_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, hf_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
 
 
 def finished(summary_path, step):
