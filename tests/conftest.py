@@ -12,6 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+TESTDATA = os.path.join(ROOT, "tests", "data")  # vendored fixtures: tests/data/README.md says where each comes from
 sys.path.insert(0, ROOT)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.set_float32_matmul_precision("highest")
@@ -133,3 +134,19 @@ def weights(out):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(out, "hf", "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tmp_path_factory):
+    """The real Pythia and GPT-2 tokenizers from the vendored (gzipped) fixtures: {'pythia': tokenizer.json path,
+    'gpt2': a directory holding vocab.json + merges.txt}."""
+    import gzip
+
+    root = tmp_path_factory.mktemp("real-tokenizers")
+    (root / "gpt2").mkdir()
+    src = os.path.join(TESTDATA, "tokenizers")
+    for name, dst in (("pythia-gpt-neox-20b-tokenizer.json", "pythia-tokenizer.json"),
+                      ("gpt2-vocab.json", "gpt2/vocab.json"), ("gpt2-merges.txt", "gpt2/merges.txt")):
+        with gzip.open(os.path.join(src, name + ".gz"), "rb") as f:
+            (root / dst).write_bytes(f.read())
+    return {"pythia": str(root / "pythia-tokenizer.json"), "gpt2": str(root / "gpt2")}
