@@ -17,7 +17,7 @@ one after the other. What a document is depends on the file:
                                 tokenized in pieces, so a multi-GB dump needs no more memory than a small one
     .jsonl .json (.gz)          one JSON object per line, its --text_field
     .parquet                    one row, its --text_field column (needs pyarrow, an optional dependency)
-    .xml                        one TEI novel (ELTeC), see read_tei
+    .xml .xml.gz                one TEI novel (ELTeC), see read_tei
 Bytes that are not UTF-8 are replaced by U+FFFD, counted in meta.json and reported once per file; documents that
 are empty or only white space are skipped.
 
@@ -66,8 +66,9 @@ def read_tei(path):
     """One TEI novel (ELTeC) as one document: the paragraphs and verse lines of <text><body>, one per line,
     whitespace normalised, without notes, running heads, headings and trailers."""
     try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+            root = ET.parse(f).getroot()
+    except (ET.ParseError, gzip.BadGzipFile, EOFError) as e:  # a .gz file: truncated or not gzip
         raise UserError(f"{path}: not well-formed XML ({e})") from None
 
     def local(tag):
@@ -110,7 +111,7 @@ class Piece(str):
     token comes only after the document's last part (a plain str)."""
 
 
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".xml")
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".xml", ".xml.gz")
 TXT_DOCUMENTS = ("file", "line", "blank_line")
 
 
@@ -186,7 +187,7 @@ def read_file(path, text_field="text", txt_documents="file", stats=None):
     kind = file_type(path)
     if kind is None:
         raise UserError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
-    kind = kind.removesuffix(".gz")  # .txt or .jsonl / .json; _read_text opens .gz files with gzip
+    kind = kind.removesuffix(".gz")  # _read_text and read_tei open .gz files with gzip
     if txt_documents not in TXT_DOCUMENTS:
         raise UserError(f"txt_documents={txt_documents!r}, expected one of {', '.join(TXT_DOCUMENTS)}")
     if kind == ".xml":
@@ -677,7 +678,18 @@ def check_split_sizes(counts, train_bytes, val_bytes, sources, validation_source
     have = (train["bytes"] + val["bytes"]) / MiB
     if train_bytes and train["bytes"] < train_bytes or val_bytes and val["bytes"] < val_bytes:
         pct = val_bytes / train_bytes if val_bytes else 0
-        raise UserError(f"{_names(sources)}: {train['documents'] + val['documents']} documents, {have:.2f} MiB; the "
+        n = train["documents"] + val["documents"]
+        way_out = ("split the text into more documents (more files or records; for .txt files --txt_documents "
+                   "line|blank_line makes each line / each blank-line block a document)")
+        if val_bytes and n == 1:
+            raise UserError(f"{_names(sources)}: 1 document, {have:.2f} MiB, and a document is never split: the split "
+                            f"rule needs at least one for train and one for validation; " + way_out)
+        if val_bytes and have * MiB >= train_bytes + val_bytes:  # enough text, but the documents are too large
+            raise UserError(f"{_names(sources)}: {n} documents, {have:.2f} MiB; documents are never split, and the "
+                            f"one that crosses the {train_bytes / MiB:g} MiB train line leaves "
+                            f"{val['bytes'] / MiB:.3g} of the {val_bytes / MiB:.3g} MiB validation needs; lower "
+                            f"--subsample_size_mb so that train ends at an earlier document, or " + way_out)
+        raise UserError(f"{_names(sources)}: {n} documents, {have:.2f} MiB; the "
                         f"split rule needs {train_bytes / MiB:g} MiB for train"
                         + (f" and {val_bytes / MiB:g} MiB more for validation" if val_bytes else "")
                         + f"; lower --subsample_size_mb (at most about {have / (1 + pct) * 0.98:.3g})")

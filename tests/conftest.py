@@ -1,5 +1,6 @@
 """Shared fixtures: tiny HF-format models built with transformers (the independent reference), tiny BPE tokenizers
-trained on a slice of the real ELTeC novels, and a hub-layout cache for offline hub tests."""
+trained on the vendored slices of real ELTeC novels, and a hub-layout cache for offline hub tests. Every fixture
+comes from the repository (tests/data/, see its README): the suite runs offline on a fresh clone."""
 
 import json
 import os
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 TESTDATA = os.path.join(ROOT, "tests", "data")  # vendored fixtures: tests/data/README.md says where each comes from
 sys.path.insert(0, ROOT)
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -66,12 +66,12 @@ def make_hub_cache(cache_dir, repo_id, files_dir, revision="main", commit="0" * 
     return snap
 
 
-ELTEC = os.path.join(SHARED, "eltec")
+ELTEC = os.path.join(TESTDATA, "eltec")  # slices of ELTeC novels (about 140k characters each for train), .xml.gz
 
 
 def eltec_texts(lang, split="train", limit_chars=400_000):
-    """The first `limit_chars` characters of each ELTeC novel of one language and split (MANIFEST.tsv), read with
-    data.read_tei."""
+    """The first `limit_chars` characters of each vendored ELTeC slice of one language and split (MANIFEST.tsv), read
+    with data.read_tei."""
     from data import read_tei
 
     with open(os.path.join(ELTEC, "MANIFEST.tsv")) as f:
@@ -81,8 +81,8 @@ def eltec_texts(lang, split="train", limit_chars=400_000):
 
 @pytest.fixture(scope="session")
 def eltec_tokenizers(tmp_path_factory):
-    """Small byte-level BPEs trained on English and German ELTeC novels: {'eng': dir, 'deu': dir}, each directory
-    holding tokenizer.json (<|endoftext|> = id 0)."""
+    """Small byte-level BPEs trained on English and German ELTeC novels (100k characters of each of three):
+    {'eng': dir, 'deu': dir}, each directory holding tokenizer.json (<|endoftext|> = id 0)."""
     from data import train_bpe
 
     out = {}
@@ -108,7 +108,8 @@ def corpus(eltec_tokenizers, tmp_path_factory):
     tok = eltec_tokenizers["deu"]
     texts = root / "texts"
     texts.mkdir()
-    for i, doc in enumerate(eltec_texts("deu", limit_chars=60_000)[:6]):
+    docs = [text[start:start + 60_000] for text in eltec_texts("deu") for start in (0, 60_000)]  # 6 x 60k chars
+    for i, doc in enumerate(docs):
         (texts / f"{i}.txt").write_text(doc)
     data.prepare([str(texts / "*.txt")], str(root / "data"), str(tok), subsample_size_mb=0.25, valid_percent=20,
                  progress=False)
