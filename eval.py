@@ -33,8 +33,8 @@ labels seen in gold or predictions) and n.
 
 Where task data comes from, per split, first match wins: `--task_data NAME=FILE` (test split; `NAME:train=FILE` for
 the train split) or `--task_data NAME=DIR` (a copy of the original files, named in the definition's `local` entry);
-then $EVAL_DATA_DIR/<local dir>/<file> when that file exists; then ../shared/data/eval/<local dir>/<file> beside the
-repository (SHARED_EVAL_DATA; it holds GermEval 2018, so `--tasks germeval2018_coarse` runs offline as it is); else
+then $EVAL_DATA_DIR/<local dir>/<file> when that file exists (a copy of the original release, e.g.
+EVAL_DATA_DIR=DIR with DIR/germeval2018/germeval2018.test.txt: GermEval 2018 offline); else
 the definition's `data` source, usually a hub dataset (hf://datasets/ORG/NAME[@REV]/FILES, through the huggingface_hub
 cache; HF_HUB_OFFLINE=1 reads only the cache). Parquet files need pyarrow. Every task's definition and data are read,
 and every other input checked, before the model loads: a mistake in the last task costs seconds, not a scored run.
@@ -73,7 +73,6 @@ from model import GPT, UserError, load_tokenizer, read_json, read_special_tokens
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(ROOT, "tasks")
-SHARED_EVAL_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "eval")  # task data after $EVAL_DATA_DIR
 
 # -----------------------------------------------------------------------------
 # the model and its tokenizer
@@ -310,11 +309,11 @@ def task_sources(task, override=None):
         raise UserError(f"{task['name']}: a data directory needs the file names of a 'local' entry, which this "
                         f"definition lacks; give the files: --task_data {task['name']}=TEST_FILE "
                         f"[--task_data {task['name']}:train=TRAIN_FILE]")
-    for root in (os.environ.get("EVAL_DATA_DIR"), SHARED_EVAL_DATA) if base is None and local else ():
-        candidate = os.path.join(root or "", local.get("dir", ""))
-        if root and os.path.isfile(os.path.join(candidate, local["test"])):
+    root = os.environ.get("EVAL_DATA_DIR")
+    if base is None and local and root:
+        candidate = os.path.join(root, local.get("dir", ""))
+        if os.path.isfile(os.path.join(candidate, local["test"])):
             base = candidate
-            break
     columns = (local or {}).get("columns")
     sources = {}
     for split in ("test", "train"):
@@ -648,8 +647,8 @@ def main(argv=None):
     p.add_argument("--tasks", default="", help="comma-separated task names or definition .json paths")
     p.add_argument("--task_data", nargs="+", action="extend", default=[], metavar="NAME[:train]=PATH",
                    help="a local copy of a task's data: a test file, NAME:train=FILE, or a directory of the "
-                        "original files. Without it local data is looked for in $EVAL_DATA_DIR, then in "
-                        f"{os.path.relpath(SHARED_EVAL_DATA, ROOT)} (beside the repository), else the hub")
+                        "original files. Without it local data is looked for in $EVAL_DATA_DIR/<the task's "
+                        "local dir>, else the task's hub dataset is read")
     p.add_argument("--num_fewshot", type=int, default=0)
     p.add_argument("--seed", type=int, default=42, help="shuffles test examples and draws few-shot examples")
     p.add_argument("--limit", type=int, default=None, help="at most N documents and N examples per task")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import SHARED, hf_neox, make_hub_cache, run_py
+from conftest import hf_neox, make_hub_cache, run_py
 
 from clp import apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax
 from model import GPT, UserError, load_tokenizer, save_tokenizer, sha256_file
@@ -333,18 +333,17 @@ def test_random_init_statistics_and_seeding(tiny):
 # realistic overlap: the real Pythia (GPT-NeoX-20B) and GPT-2 tokenizers
 
 
-def test_realistic_overlap_pythia_gpt2():
+def test_realistic_overlap_pythia_gpt2(real_tokenizers):
     from tokenizers import Tokenizer, models
 
-    tokdir = os.path.join(SHARED, "tokenizers")
-    pythia = load_tokenizer(os.path.join(tokdir, "pythia-gpt-neox-20b-tokenizer.json"))
-    # the GPT-2 pair is stored as gpt2-vocab.json / gpt2-merges.txt, not in a model directory: read it directly
-    gpt2 = Tokenizer(models.BPE.from_file(os.path.join(tokdir, "gpt2-vocab.json"),
-                                          os.path.join(tokdir, "gpt2-merges.txt")))
+    pythia_file, gpt2_dir = real_tokenizers["pythia"], real_tokenizers["gpt2"]
+    pythia = load_tokenizer(pythia_file)
+    # the GPT-2 pair as vocab.json + merges.txt, read directly with the tokenizers library (the reference)
+    gpt2 = Tokenizer(models.BPE.from_file(os.path.join(gpt2_dir, "vocab.json"), os.path.join(gpt2_dir, "merges.txt")))
     sv, hv = pythia.get_vocab(with_added_tokens=True), gpt2.get_vocab(with_added_tokens=True)
-    with open(os.path.join(tokdir, "gpt2-vocab.json"), encoding="utf-8") as f:
+    with open(os.path.join(gpt2_dir, "vocab.json"), encoding="utf-8") as f:
         gpt2_strings = set(json.load(f))
-    with open(os.path.join(tokdir, "pythia-gpt-neox-20b-tokenizer.json"), encoding="utf-8") as f:
+    with open(pythia_file, encoding="utf-8") as f:
         raw = json.load(f)
     pythia_strings = set(raw["model"]["vocab"]) | {t["content"] for t in raw["added_tokens"]}
     expected = gpt2_strings & pythia_strings

@@ -1,5 +1,6 @@
 """eval.py against transformers' GPTNeoXForCausalLM (the independent reference): perplexity sums over rolling
-windows, task scores as a by-hand log-likelihood argmax, the GermEval 2018 definition on the shared files, bad input."""
+windows, task scores as a by-hand log-likelihood argmax, the GermEval 2018 definition on a vendored sample of the
+original files (tests/data/eval), bad input."""
 
 import json
 import math
@@ -7,14 +8,14 @@ import os
 
 import pytest
 import torch
-from conftest import SHARED, eltec_texts, hf_neox, run_py
+from conftest import TESTDATA, eltec_texts, hf_neox, run_py
 
 import eval as ev
 from model import GPT, UserError, load_tokenizer, save_tokenizer
 
 BLOCK = 32  # max_position_embeddings of the tiny model: ELTeC paragraphs are many windows long
 EOT = 0  # <|endoftext|> of the ELTeC tokenizers
-EVAL_DATA = os.path.join(SHARED, "eval")
+EVAL_DATA = os.path.join(TESTDATA, "eval")  # germeval2018/: the first 100 rows of each original file
 SHORT = ["Es war einmal ein König.", "Grüße aus Köln: „Straßenbahn“ fährt über die Brücke — 5 €, ß und Æ.",
          "  Daß   er kam,\n\nwar gut.  "]
 
@@ -160,7 +161,7 @@ def test_rolling_task_equals_by_hand_sequence_loglikelihood(tiny, tmp_path):
     assert result["pred_counts"] == {y: pred.count(y) for y in set(pred)}
 
 
-def test_germeval2018_reads_the_shared_files(tiny, monkeypatch):
+def test_germeval2018_reads_the_original_files(tiny, monkeypatch):
     path, ref, model, tok = tiny
     monkeypatch.setenv("EVAL_DATA_DIR", EVAL_DATA)
     task = ev.load_task("germeval2018_coarse")
@@ -168,7 +169,7 @@ def test_germeval2018_reads_the_shared_files(tiny, monkeypatch):
     assert sources["test"][0] == os.path.join(EVAL_DATA, "germeval2018", "germeval2018.test.txt")
     test, skipped = ev.load_split(task, sources, "test")
     train, _ = ev.load_split(task, sources, "train")
-    assert (len(test), len(train), skipped) == (3532, 5009, 0)
+    assert (len(test), len(train), skipped) == (100, 100, 0)
     assert {e["label"] for e in test} == {"OFFENSE", "OTHER"} and "|LBR|" in "".join(e["text"] for e in test)
     monkeypatch.delenv("EVAL_DATA_DIR")  # the same files given as a directory
     r = ev.evaluate_task(model, tok, "germeval2018_coarse", data=os.path.join(EVAL_DATA, "germeval2018"), limit=4,
@@ -209,7 +210,7 @@ def test_cli_end_to_end(tiny, tmp_path):
 
 def test_bad_input(tiny, tmp_path, monkeypatch):
     path, ref, model, tok = tiny
-    monkeypatch.delenv("EVAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("EVAL_DATA_DIR", EVAL_DATA)  # GermEval 2018 offline
     with pytest.raises(UserError, match="unknown task 'gnad11'; known tasks: germeval2017, germeval2018_coarse, gnad10"):
         ev.main(["--model", str(path), "--tasks", "gnad11"])
     with pytest.raises(UserError, match="missing.txt"):
@@ -245,20 +246,20 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
     assert p.returncode == 1 and p.stderr.startswith("error: unknown task 'nope'") and "Traceback" not in p.stderr
 
 
-def test_germeval2018_offline_without_eval_data_dir(tiny, tmp_path, monkeypatch, capsys):
-    """The documented command finds ../shared/data/eval beside the repository (from any working directory);
-    $EVAL_DATA_DIR and --task_data still come first, the hub last."""
+def test_germeval2018_data_from_eval_data_dir_else_the_hub(tiny, tmp_path, monkeypatch, capsys):
+    """The documented offline command: EVAL_DATA_DIR holding germeval2018/ (from any working directory); --task_data
+    comes first; without EVAL_DATA_DIR, or with one that lacks the files, the hub dataset."""
     path, ref, model, tok = tiny
-    monkeypatch.delenv("EVAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("EVAL_DATA_DIR", EVAL_DATA)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ev, "hub_files", lambda url: pytest.fail(f"went to the hub for {url}"))
     task = ev.load_task("germeval2018_coarse")
-    shared = os.path.join(EVAL_DATA, "germeval2018")
-    assert ev.task_sources(task)["test"][0] == os.path.join(shared, "germeval2018.test.txt")
+    local = os.path.join(EVAL_DATA, "germeval2018")
+    assert ev.task_sources(task)["test"][0] == os.path.join(local, "germeval2018.test.txt")
     r = ev.main(["--model", str(path), "--tasks", "germeval2018_coarse", "--limit", "3", "--num_fewshot", "1"])
     assert r["tasks"]["germeval2018_coarse"]["n"] == 3
-    assert r["tasks"]["germeval2018_coarse"]["data"] == {"test": os.path.join(shared, "germeval2018.test.txt"),
-                                                         "train": os.path.join(shared, "germeval2018.training.txt")}
+    assert r["tasks"]["germeval2018_coarse"]["data"] == {"test": os.path.join(local, "germeval2018.test.txt"),
+                                                         "train": os.path.join(local, "germeval2018.training.txt")}
 
     mine = tmp_path / "mine" / "germeval2018"
     mine.mkdir(parents=True)
@@ -266,14 +267,14 @@ def test_germeval2018_offline_without_eval_data_dir(tiny, tmp_path, monkeypatch,
     monkeypatch.setenv("EVAL_DATA_DIR", str(tmp_path / "mine"))
     assert ev.task_sources(task)["test"][0] == str(mine / "germeval2018.test.txt")
     assert ev.task_sources(task, {"test": "x.tsv"})["test"][0] == "x.tsv"
-    monkeypatch.setenv("EVAL_DATA_DIR", str(tmp_path / "empty"))  # no copy there: the shared one
-    assert ev.task_sources(task)["test"][0] == os.path.join(shared, "germeval2018.test.txt")
-    monkeypatch.setattr(ev, "SHARED_EVAL_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("EVAL_DATA_DIR", str(tmp_path / "empty"))  # no copy there: the hub
+    assert ev.task_sources(task)["test"][0].startswith("hf://datasets/")
+    monkeypatch.delenv("EVAL_DATA_DIR")
     assert ev.task_sources(task)["test"][0].startswith("hf://datasets/")
 
     with pytest.raises(SystemExit):
         ev.main(["--help"])
-    assert "../shared/data/eval" in " ".join(capsys.readouterr().out.split())
+    assert "$EVAL_DATA_DIR/<the task's local dir>" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.fixture

@@ -228,7 +228,7 @@ def test_bad_input_across_the_clis(corpus, tmp_path, eltec_tokenizers):
 
 
 def german_text_file(tmp_path):
-    """A small German text file."""
+    """A small German text file (20k characters of a vendored ELTeC slice)."""
     from conftest import eltec_texts
 
     path = tmp_path / "novel.txt"
