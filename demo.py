@@ -3,7 +3,8 @@ The whole study at toy scale, on a CPU, offline: `make demo` (about 20 minutes o
 (about a minute, the test suite's end-to-end run).
 
 1. data: English and German ELTeC novels (config/demo_eltec.tsv: files, sha256, public URLs at pinned commits; with
-   ELTEC_DIR set, a local copy is read instead), a byte-level BPE per language, token files. Validation: the first
+   ELTEC_DIR set, a local copy is read instead; --mode quick without it reads the slices of some of them vendored in
+   tests/data/eltec, so it runs offline), a byte-level BPE per language, token files. Validation: the first
    characters of each held-out novel (the same slices score every variant below).
 2. pre-train a small English source model and a smaller German helper model from scratch.
 3. initialise German targets from the source: CLP (clp.py, with and without --extrapolation_fallback), the
@@ -36,6 +37,7 @@ from model import GPT, GPTConfig, UserError, atomic_path, read_json, run_cli, sa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = os.path.join(HERE, "config", "demo_eltec.tsv")
+SLICES = os.path.join(HERE, "tests", "data", "eltec")  # the vendored slices (and their MANIFEST.tsv): quick, offline
 
 # the two settings: sizes and budgets beyond the config files (config/demo_*.py hold the default)
 MODES = {
@@ -76,20 +78,20 @@ def stage(name, done):
 # 1. data
 
 
-def novels(eltec_dir):
+def novels(eltec_dir, manifest=MANIFEST):
     """{(lang, split): [source, ...]} from the manifest: local files (checked against their sha256) when
     eltec_dir is given, else the pinned URLs with their sha256 (data.py downloads, caches and checks them)."""
     out = {}
-    with open(MANIFEST, encoding="utf-8") as f:
-        rows = [dict(zip(("lang", "split", "file", "sha256", "bytes", "url"), line.rstrip("\n").split("\t")))
-                for line in list(f)[1:]]
+    with open(manifest, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")  # lang, split, file, sha256, bytes, url (or source_url)
+        rows = [dict(zip(header, line.rstrip("\n").split("\t"))) for line in f]
     for row in rows:
         if eltec_dir:
             path = os.path.join(eltec_dir, row["lang"], row["file"])
             if not os.path.isfile(path):
                 raise UserError(f"{path}: not found (ELTEC_DIR={eltec_dir} should hold {row['lang']}/{row['file']})")
             if sha256_file(path) != row["sha256"]:
-                raise UserError(f"{path}: sha256 differs from the manifest {MANIFEST}")
+                raise UserError(f"{path}: sha256 differs from the manifest {manifest}")
             source = path
         else:
             source = f"{row['url']}#sha256={row['sha256']}"
@@ -286,14 +288,16 @@ def main(argv=None):
     p.add_argument("--mode", choices=MODES, default="default")
     p.add_argument("--out", help="output directory (default out/demo, out/demo-quick for --mode quick)")
     p.add_argument("--eltec_dir", default=os.environ.get("ELTEC_DIR"),
-                   help="a local copy of the ELTeC files (eng/ and deu/ folders; default $ELTEC_DIR); else download")
+                   help="a local copy of the ELTeC files (eng/ and deu/ folders; default $ELTEC_DIR); else download "
+                        "them (--mode quick: read the slices vendored in tests/data/eltec)")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
     out = os.path.abspath(args.out or ("out/demo" if args.mode == "default" else f"out/demo-{args.mode}"))
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    prepare_data(out, mode, novels(args.eltec_dir))
+    offline = args.mode == "quick" and not args.eltec_dir
+    prepare_data(out, mode, novels(SLICES, os.path.join(SLICES, "MANIFEST.tsv")) if offline else novels(args.eltec_dir))
     config = lambda name: os.path.join(HERE, "config", f"demo_{name}.py")  # noqa: E731
     for name, lang in (("source", "eng"), ("helper", "deu")):
         train(out, name, "train.py", [config(name), f"--data_dir={out}/data-{lang}", *mode[name]])
