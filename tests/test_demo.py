@@ -1,7 +1,9 @@
-"""make demo DEMO=quick, end to end on the real ELTeC novels: data, source and helper, CLP, six German variants,
-evaluation, report and plot; a rerun finds every stage cached."""
+"""make demo DEMO=quick, end to end on the real ELTeC novels (the slices vendored in tests/data/eltec, as on a fresh
+clone): data, source and helper, CLP, six German variants, evaluation, report and plot; a rerun finds every stage
+cached."""
 
 import json
+import os
 
 from conftest import ELTEC, run_py
 
@@ -9,8 +11,13 @@ import demo
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    r = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env={"ELTEC_DIR": ELTEC}, timeout=900)
+    offline = {"ELTEC_DIR": "", "DATA_URL_CACHE": str(tmp_path / "no-downloads")}  # the vendored slices
+    r = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env=offline, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    meta = json.loads((tmp_path / "data-deu" / "meta.json").read_text())
+    assert [os.path.relpath(s["source"], ELTEC) for s in meta["sources"]["train"]] == [
+        os.path.join("deu", f"DEU00{i}.xml.gz") for i in (2, 3, 7)]
+    assert not (tmp_path / "no-downloads").exists()
     report = (tmp_path / "report.md").read_text()
     for _, label, *_ in demo.VARIANTS:
         assert f"| {label} |" in report
@@ -28,7 +35,7 @@ def test_quick_demo_end_to_end(tmp_path):
     clp_report = json.loads((tmp_path / "init-clp" / "clp_report.json").read_text())
     assert 0 < clp_report["shared_tokens"] < 1024
 
-    again = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env={"ELTEC_DIR": ELTEC})
+    again = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env=offline)
     assert again.returncode == 0 and ": running" not in again.stdout, again.stdout
     assert again.stdout.count(": cached") == 16
 
