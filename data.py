@@ -53,8 +53,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from model import (UserError, atomic_dir, atomic_path, load_tokenizer, read_special_tokens, resolve_model_dir, run_cli,
-                   save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+from common import (UserError, atomic_dir, atomic_path, load_tokenizer, read_json, read_special_tokens, resolve_model_dir,
+                    run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 
 # -----------------------------------------------------------------------------
 # readers: each yields documents (strings) in source order
@@ -697,8 +697,6 @@ def load_meta(data_dir):
     """meta.json of a prepared data directory, checked: required fields present, token files a whole number of
     tokens of the recorded dtype."""
     import numpy as np
-
-    from model import read_json
 
     if not os.path.isdir(data_dir):
         raise UserError(f"{data_dir}: data directory not found (prepare it with `python data.py ... --output_dir "

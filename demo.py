@@ -32,7 +32,9 @@ import clp
 import data
 import eval as evaluation
 from bench import machine
-from model import GPT, GPTConfig, UserError, atomic_path, read_json, run_cli, save_tokenizer, sha256_file, write_json
+from common import (UserError, atomic_path, load_tokenizer, read_json, round_up, run_cli, save_tokenizer, sha256_file,
+                    write_json)
+from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = os.path.join(HERE, "config", "demo_eltec.tsv")
@@ -150,9 +152,7 @@ def scratch_init(out, like, tokenizer_dir, seed=1337):
 
 
 def clp_vocab_rows(tokenizer_dir, multiple=128):
-    from model import load_tokenizer
-
-    return -(-load_tokenizer(tokenizer_dir).get_vocab_size() // multiple) * multiple
+    return round_up(load_tokenizer(tokenizer_dir).get_vocab_size(), multiple)
 
 
 # -----------------------------------------------------------------------------

@@ -69,7 +69,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import GPT, UserError, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli, write_json
+from common import (UserError, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli, torch_dtype,
+                    write_json)
+from model import GPT
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(ROOT, "tasks")
@@ -124,11 +126,9 @@ def make_lm(model, tokenizer, max_length=None, batch_size=8, prefix_token_id=Non
         raise UserError(f"max_length={max_length} must lie in [1, {block}] (the model's max_position_embeddings)")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be at least 1")
-    autocast = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in autocast:
-        raise UserError(f"dtype={dtype!r}: expected one of float32, bfloat16, float16")
+    autocast = None if dtype in (None, "float32") else torch_dtype(dtype)
     prefix = model.config.eos_token_id if prefix_token_id is None else prefix_token_id
-    return LM(model, tokenizer, prefix, max_length, batch_size, autocast[dtype], progress)
+    return LM(model, tokenizer, prefix, max_length, batch_size, autocast, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -185,11 +185,6 @@ def rolling_windows(tokens, prefix_token_id, max_length, stride=None):
 def perplexity_metrics(nll, tokens, words, n_bytes):
     return {"token_perplexity": exp(nll / tokens), "word_perplexity": exp(nll / words) if words else None,
             "byte_perplexity": exp(nll / n_bytes), "bits_per_byte": nll / (n_bytes * math.log(2))}
-
-
-def exp(x):
-    """math.exp, but a diverged model's perplexity (beyond 1.8e308) is inf rather than an OverflowError."""
-    return math.exp(x) if x < 709.78 else math.inf
 
 
 def perplexity(model, tokenizer, documents, max_length=None, stride=None, batch_size=8, prefix_token_id=None,
