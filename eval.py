@@ -59,7 +59,6 @@ import os
 import random
 import string
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
@@ -69,8 +68,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import (UserError, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli, torch_dtype,
-                    write_json)
+from common import (UserError, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli,
+                    torch_dtype, write_json)
 from model import GPT
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -325,25 +324,9 @@ def task_sources(task, override=None):
 
 def hub_files(url):
     """Local paths of hf://datasets/ORG/NAME[@REVISION]/PATH-OR-GLOB, fetched into (or read from) the
-    huggingface_hub cache. A revision with slashes is URL-encoded (@refs%2Fconvert%2Fparquet)."""
-    parts = url[len("hf://"):].split("/", 3)
-    if len(parts) < 4 or parts[0] != "datasets" or not parts[3]:
-        raise UserError(f"{url}: expected hf://datasets/ORG/NAME[@REVISION]/PATH (a file or glob in the repo)")
-    name, _, revision = parts[2].partition("@")
-    repo_id, pattern = f"{parts[1]}/{name}", parts[3]
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        local = snapshot_download(repo_id, repo_type="dataset", revision=urllib.parse.unquote(revision) or None,
-                                  allow_patterns=[pattern])
-    except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise UserError(f"{url}: the hub dataset is unavailable ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                        "point the task at a local copy with --task_data or EVAL_DATA_DIR") from None
-    files = sorted(glob.glob(os.path.join(local, pattern)))
-    if not files:
-        raise UserError(f"{url}: no file of dataset {repo_id} matches {pattern!r}")
-    return files
+    huggingface_hub cache by data.py's source layer (one hf:// grammar, one download path for both tools)."""
+    _, fetchers = data.open_source(url, suffixes=tuple(FORMATS) + tuple(f"{s}.gz" for s in FORMATS if s != ".parquet"))
+    return [fetch() for fetch in fetchers]
 
 
 FORMATS = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -383,12 +366,7 @@ def read_records(source, columns=None):
     for path in files:
         kind = file_format(path)
         if kind == "parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give a TSV/CSV/JSONL "
-                                "copy with --task_data") from None
-            records += pq.read_table(path).to_pylist()
+            records += data.import_pyarrow(path).read_table(path).to_pylist()
             continue
         try:
             with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", newline="") as f:

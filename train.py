@@ -646,6 +646,19 @@ def count_nonfinite(state, loss, cfg, rt, ckpt_path):
                    f"({state.nonfinite_steps}/{cfg.max_nonfinite_steps})")
 
 
+def step_record(state, phase, lr, loss, dt, tok_s, peak, raw_model, cfg, rt):
+    """The metrics.jsonl line of a training step (a skipped step's loss is null)."""
+    record = {"step": state.step, "phase": phase.name, "tokens": state.tokens, "lr": lr, "loss": loss, "dt_s": dt,
+              "tokens_per_s": tok_s}
+    if not math.isfinite(loss):
+        record.update(loss=None, skipped=True)
+    if peak:
+        record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / rt.world_size / peak
+    if rt.device_type == "cuda":
+        record["peak_mem_mb"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return record
+
+
 def record_phase_stats(phase_stats, phase, step_tokens, dt, first_step, record):
     stats = phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0, "first_steps": 0,
                                                 "first_steps_seconds": 0.0})
@@ -889,8 +902,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
         t0 = time.time()
         batches = next_batches(train_data, state, phase, rt, vocab_size)
         loss = train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads)
-        skipped = not math.isfinite(loss)
-        if skipped:  # only the update is skipped: the step counts, evaluates and checkpoints like any other
+        if not math.isfinite(loss):  # only the update is skipped: the step counts, evaluates, checkpoints
             count_nonfinite(state, loss, cfg, rt, ckpt_path)
         else:
             verify_grads = False
@@ -899,14 +911,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
         state.step += 1
         state.tokens += step_tokens
         tok_s = step_tokens / dt
-        record = {"step": state.step, "phase": phase.name, "tokens": state.tokens, "lr": lr, "loss": loss,
-                  "dt_s": dt, "tokens_per_s": tok_s}
-        if skipped:
-            record.update(loss=None, skipped=True)
-        if peak:
-            record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / rt.world_size / peak
-        if rt.device_type == "cuda":
-            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
+        record = step_record(state, phase, lr, loss, dt, tok_s, peak, raw_model, cfg, rt)
         record_phase_stats(state.phase_stats, phase, step_tokens, dt, first_step, record)
         first_step = False
         evaluating = state.step % cfg.eval_interval == 0 or state.step == total_steps

@@ -19,7 +19,7 @@ import train
 from common import UserError
 from model import GPT
 
-RUN = "import sys; import train; from model import run_cli; run_cli(train.main, sys.argv[1:])"
+RUN = "import sys; import train; from common import run_cli; run_cli(train.main, sys.argv[1:])"
 
 
 def spawn(argv, prelude="", env=None):
