@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, atomic_dir, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, round_up,
-                    run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+from common import (UserError, atomic_dir, check_device, load_tokenizer, read_json, read_special_tokens,
+                    resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 from model import GPT, read_weights, weight_files
 
 WEIGHTINGS = ("dense", "topk", "sparsemax")
@@ -304,8 +304,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     for name, value in (("top_k", top_k), ("pad_to_multiple_of", pad_to_multiple_of), ("chunk_size", chunk_size)):
         if int(value) < 1:
             raise UserError(f"{name}={value}: expected a positive integer")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device!r}: CUDA is not available on this machine")
+    check_device(str(device), "device")
     if target_model_path:
         check_target(target_model_path, override)
 

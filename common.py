@@ -259,3 +259,26 @@ def exp(x):
 def round_up(n, multiple=128):
     """n rounded up to a multiple (the vocabulary padded to a multiple of 128: tensor-core friendly matmuls)."""
     return -(-n // multiple) * multiple
+
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def check_device(name, flag="--device"):
+    """The torch.device `name` names, on this machine: a typo or a missing GPU is a one-line error before any data is
+    read and a model loads (torch reports them as tracebacks, CUDA's only at the first .to())."""
+    import torch
+
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {name!r}: not a device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type not in DEVICES:
+        raise UserError(f"{flag} {name!r}: expected cpu, cuda, cuda:N or mps")
+    if not available[device.type]():
+        raise UserError(f"{flag} {name!r}: no {device.type.upper()} device available to this torch "
+                        f"{torch.__version__} (use {flag} cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -68,8 +68,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import (UserError, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli,
-                    torch_dtype, write_json)
+from common import (UserError, check_device, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir,
+                    run_cli, torch_dtype, write_json)
 from model import GPT
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -557,27 +557,6 @@ def parse_task_data(items, names):
         kind = split or ("dir" if os.path.isdir(path) else "test")
         out.setdefault(name, {})[kind] = path
     return out
-
-
-DEVICES = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
-           "mps": lambda: torch.backends.mps.is_available()}
-
-
-def check_device(name):
-    """The torch.device `name` names, on this machine: a typo or a missing GPU is a one-line error before the task
-    data is read and the model loads (torch reports them as tracebacks, CUDA's only at the first .to())."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name!r}: not a device; expected cpu, cuda, cuda:N or mps") from None
-    if device.type not in DEVICES:
-        raise UserError(f"--device {name!r}: eval.py runs on cpu, cuda, cuda:N or mps")
-    if not DEVICES[device.type]():
-        raise UserError(f"--device {name!r}: no {device.type.upper()} device available to this torch "
-                        f"{torch.__version__} (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def check_output(path):
