@@ -21,16 +21,19 @@ import glob
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, UserError, run_cli, write_json
+from common import UserError, run_cli, write_json
+from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "tests", "data")  # the vendored Pythia tokenizer and ELTeC slices: offline
@@ -86,9 +89,10 @@ def synthetic_data(path, vocab, n_tokens, val_tokens=8192, seed=0):
     return path
 
 
-def child(code, *args):
-    """Run python code in a fresh process (its own peak memory); it prints one JSON line last."""
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=HERE, capture_output=True, text=True)
+def child(name, *args):
+    """Run `bench.py --child name args...` in a fresh process (its own peak memory); it prints one JSON line last."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--child", name, *map(str, args)], cwd=HERE,
+                       capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -97,74 +101,79 @@ def child(code, *args):
 # -----------------------------------------------------------------------------
 # 1. train.py's step against transformers + a plain AdamW loop
 
-TRAIN_STEP_CHILD = r"""
-import json, sys, statistics, train
-data_dir, out_dir, dtype, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-kw = json.loads(sys.argv[5])
-train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", f"--dtype={dtype}",
-            f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
-            "--export_hf=False", "--embedding_tuning_frac=0", *[f"--{k}={v}" for k, v in kw.items()]])
-rows = [json.loads(l) for l in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in l][2:]
-print(json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}))
-"""
+def train_run_child(data_dir, out_dir, dtype, steps, kw):
+    """A short train.py run on synthetic data: the median tokens/s of its steps after the first two."""
+    import train
 
-TRAIN_VS_HF_CHILD = r"""
-import json, sys, time, torch
-from contextlib import nullcontext
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-import train
-from model import GPT, GPTConfig
-kw, dtype, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
-torch.manual_seed(0)
-ours = GPT(GPTConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
-                     intermediate_size=4 * kw["n_embd"], block_size=T))
-hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
-                                      num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
-                                      rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
-cfg = train.TrainConfig(learning_rate=3e-4, weight_decay=0.1)
-ours_opt = train.configure_optimizer(ours, cfg, "cpu")
-hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-scaler = torch.amp.GradScaler("cpu", enabled=False)
-autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", f"--dtype={dtype}",
+                f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
+                "--export_hf=False", "--embedding_tuning_frac=0", *[f"--{k}={v}" for k, v in json.loads(kw).items()]])
+    rows = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in line][2:]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}
 
-def ours_step(x):  # train.py's step: its forward_backward, its optimizer
-    loss = train.forward_backward(ours, [(x[:, :-1], x[:, 1:])], autocast, scaler, False, "cpu")
-    ours_opt.step()
-    ours_opt.zero_grad(set_to_none=True)
-    loss.item()
+def cpu_runtime(dtype):
+    """train.py's Runtime for one process on the CPU at `dtype` (autocast for bfloat16)."""
+    import train
 
-def hf_step(x):  # transformers with a plain AdamW loop
-    with autocast:
-        loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-    loss.backward()
-    hf_opt.step()
-    hf_opt.zero_grad(set_to_none=True)
-    loss.item()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return train.Runtime(False, 0, 0, 1, "cpu", dtype, autocast)
 
-g = torch.Generator().manual_seed(0)
-times = {"ours": [], "hf": []}
-for i in range(steps + 2):
-    x = torch.randint(0, V, (B, T + 1), generator=g)
-    for name, step in (("ours", ours_step), ("hf", hf_step)) if i % 2 else (("hf", hf_step), ("ours", ours_step)):
-        t0 = time.perf_counter()
-        step(x)
-        if i >= 2:  # two warm-up steps
-            times[name].append(time.perf_counter() - t0)
-print(json.dumps({k: B * T / min(v) for k, v in times.items()}))
-"""
+
+def train_vs_hf_child(kw, dtype, steps):
+    """train.py's train_step and transformers' GPTNeoXForCausalLM with a plain AdamW loop (both clipping gradients
+    at 1.0), step by step in alternation on the same batches: each side's fastest step, in tokens/s."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import train
+
+    kw, steps = json.loads(kw), int(steps)
+    T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
+                         intermediate_size=4 * kw["n_embd"], block_size=T))
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
+                                          num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
+                                          rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
+    cfg = train.TrainConfig(learning_rate=3e-4, weight_decay=0.1)
+    rt = cpu_runtime(dtype)
+    ours_opt = train.configure_optimizer(ours, cfg, "cpu")
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def ours_step(x):  # train.py's step: forward_backward, clipping, its optimizer
+        train.train_step(ours, ours, ours_opt, scaler, [(x[:, :-1], x[:, 1:])], cfg.learning_rate, cfg, rt)
+
+    def hf_step(x):  # transformers with a plain AdamW loop
+        with rt.autocast:
+            loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    g = torch.Generator().manual_seed(0)
+    times = {"ours": [], "hf": []}
+    for i in range(steps + 2):
+        x = torch.randint(0, V, (B, T + 1), generator=g)
+        for name, step in (("ours", ours_step), ("hf", hf_step)) if i % 2 else (("hf", hf_step), ("ours", ours_step)):
+            t0 = time.perf_counter()
+            step(x)
+            if i >= 2:  # two warm-up steps
+                times[name].append(time.perf_counter() - t0)
+    return {k: B * T / min(v) for k, v in times.items()}
 
 
 def bench_train(work, quick):
-    """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW, no clipping; fp32 and bf16
-    autocast. train.py's step (its forward_backward and its optimizer: the fused AdamW kernel) and transformers'
+    """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW, gradients clipped at 1.0; fp32 and
+    bf16 autocast. train.py's train_step (its optimizer: the fused AdamW kernel) and transformers'
     GPTNeoXForCausalLM with torch's default AdamW run in one process, step by step in alternation, on the same
     batches; each side's fastest step counts (the least disturbed on a shared machine)."""
     shape = dict(n_layer=2 if quick else 6, n_head=8, n_embd=256 if quick else 512, vocab_size=8192,
                  block_size=128 if quick else 256, batch_size=8)
     out = {"shape": shape}
     for dtype in ("float32", "bfloat16"):
-        r = child(TRAIN_VS_HF_CHILD, json.dumps(shape), dtype, 4 if quick else 10)
+        r = child("train_vs_hf", json.dumps(shape), dtype, 4 if quick else 10)
         out[dtype] = {"ours_tokens_per_s": r["ours"], "hf_tokens_per_s": r["hf"], "ratio": r["ours"] / r["hf"]}
     return out
 
@@ -172,47 +181,46 @@ def bench_train(work, quick):
 # -----------------------------------------------------------------------------
 # 2. one step of the embedding phase against one of the full phase
 
-PHASE_CHILD = r"""
-import json, os, resource, statistics, sys, train
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-data_dir, out_dir, frac, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-kw = json.loads(sys.argv[5])
-base = rss()  # torch and the project imported, no model yet
-train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", "--dtype=float32",
-            f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
-            "--export_hf=False", f"--embedding_tuning_frac={frac}", *[f"--{k}={v}" for k, v in kw.items()]])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_bytes": peak - base}))
-"""
 
-PHASE_TIME_CHILD = r"""
-import json, sys, time, torch
-from contextlib import nullcontext
-import train
-from model import GPT, GPTConfig
-kw, steps = json.loads(sys.argv[1]), int(sys.argv[2])
-B, T = kw.pop("batch_size"), kw.pop("block_size")
-torch.manual_seed(0)
-model = GPT(GPTConfig(**kw, block_size=T))
-cfg = train.TrainConfig()
-optimizer = train.configure_optimizer(model, cfg, "cpu")
-scaler = torch.amp.GradScaler("cpu", enabled=False)
-phases = {name: train.Phase(name, 0, 1, B, 1, 1e-4, 0, "constant") for name in ("embedding", "full")}
-g = torch.Generator().manual_seed(0)
-times = {name: [] for name in phases}
-for i in range(steps + 1):  # train.py's step, one phase after the other: the same conditions for both
-    for name, phase in phases.items():
-        train.set_trainable(model, phase, cfg)
-        x = torch.randint(0, kw["vocab_size"], (B, T + 1), generator=g)
-        t0 = time.perf_counter()
-        train.forward_backward(model, [(x[:, :-1], x[:, 1:])], nullcontext(), scaler, False, "cpu").item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i:  # the first round warms up
-            times[name].append(time.perf_counter() - t0)
-print(json.dumps({name: min(t) for name, t in times.items()}))
-"""
+
+def phase_memory_child(data_dir, out_dir, frac, steps, kw):
+    """A short train.py run (embedding_tuning_frac=frac): its peak RSS less what the process held before."""
+    import train
+
+    base = rss()  # torch and the project imported, no model yet
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=scratch", "--dtype=float32",
+                f"--max_iters={steps}", "--eval_at_start=False", f"--eval_interval={10**9}", "--eval_iters=1",
+                "--export_hf=False", f"--embedding_tuning_frac={frac}",
+                *[f"--{k}={v}" for k, v in json.loads(kw).items()]])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_bytes": peak - base}
+
+def phase_time_child(kw, steps):
+    """train.py's train_step, one phase after the other (the same conditions for both): each one's fastest step."""
+    import train
+
+    kw, steps = json.loads(kw), int(steps)
+    B, T = kw.pop("batch_size"), kw.pop("block_size")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**kw, block_size=T))
+    cfg = train.TrainConfig()
+    rt = cpu_runtime("float32")
+    optimizer = train.configure_optimizer(model, cfg, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    phases = {name: train.Phase(name, 0, 1, B, 1, 1e-4, 0, "constant") for name in ("embedding", "full")}
+    g = torch.Generator().manual_seed(0)
+    times = {name: [] for name in phases}
+    for i in range(steps + 1):
+        for name, phase in phases.items():
+            train.set_trainable(model, phase, cfg)
+            x = torch.randint(0, kw["vocab_size"], (B, T + 1), generator=g)
+            t0 = time.perf_counter()
+            train.train_step(model, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], phase.peak_lr, cfg, rt)
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def meta_model(shape, frozen):
@@ -251,9 +259,9 @@ def bench_phases(work, quick):
     steps = 3 if quick else 5
     data_dir = synthetic_data(os.path.join(work, "phase-data"), 50277, 100_000)
     kw = json.dumps({k: v for k, v in shape.items() if k != "vocab_size"} | {"vocab_size": shape["vocab_size"]})
-    emb = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-emb"), 1.0, 2, kw)
-    full = child(PHASE_CHILD, data_dir, os.path.join(work, "phase-full"), 0.0, 2, kw)
-    step_s = child(PHASE_TIME_CHILD, json.dumps({k: shape[k] for k in (*PYTHIA_160M, "batch_size", "block_size")}),
+    emb = child("phase_memory", data_dir, os.path.join(work, "phase-emb"), 1.0, 2, kw)
+    full = child("phase_memory", data_dir, os.path.join(work, "phase-full"), 0.0, 2, kw)
+    step_s = child("phase_time", json.dumps({k: shape[k] for k in (*PYTHIA_160M, "batch_size", "block_size")}),
                    steps)
 
     # the prediction. Time: the step's matmul FLOPs at the rate this machine's GEMM reaches at this shape (tokens x d
@@ -285,29 +293,27 @@ def bench_phases(work, quick):
 # -----------------------------------------------------------------------------
 # 3. clp.py against the original per-token loop
 
-CLP_CHILD = r"""
-import json, os, resource, sys, time, torch
-import clp
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-V_h, V_s, d_h, d_s, n_shared = map(int, sys.argv[1:6])
-g = torch.Generator().manual_seed(0)
-# helper rows: a shared direction plus noise, the anisotropy trained embedding spaces have
-helper = torch.randn(V_h, d_h, generator=g) + 2.0 * torch.randn(d_h, generator=g)
-src_in, src_out = torch.randn(V_s, d_s, generator=g) * 0.02, torch.randn(V_s, d_s, generator=g) * 0.02
-perm = torch.randperm(V_h, generator=g)
-shared_helper, missing = perm[:n_shared], perm[n_shared:]
-shared_src = torch.randperm(V_s, generator=g)[:n_shared]
-clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing[:2048], num_rows=V_s)  # warm-up
-base = rss()
-times = []
-for _ in range(2):
-    t0 = time.perf_counter()
-    clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing, num_rows=V_s)
-    times.append(time.perf_counter() - t0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": min(times), "extra_peak_bytes": peak - base}))
-"""
+def clp_child(V_h, V_s, d_h, d_s, n_shared):
+    """clp.py's clp_embeddings on random matrices of the given sizes: its fastest of two runs and its extra memory."""
+    import clp
+
+    V_h, V_s, d_h, d_s, n_shared = map(int, (V_h, V_s, d_h, d_s, n_shared))
+    g = torch.Generator().manual_seed(0)
+    # helper rows: a shared direction plus noise, the anisotropy trained embedding spaces have
+    helper = torch.randn(V_h, d_h, generator=g) + 2.0 * torch.randn(d_h, generator=g)
+    src_in, src_out = torch.randn(V_s, d_s, generator=g) * 0.02, torch.randn(V_s, d_s, generator=g) * 0.02
+    perm = torch.randperm(V_h, generator=g)
+    shared_helper, missing = perm[:n_shared], perm[n_shared:]
+    shared_src = torch.randperm(V_s, generator=g)[:n_shared]
+    clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing[:2048], num_rows=V_s)  # warm-up
+    base = rss()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing, num_rows=V_s)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": min(times), "extra_peak_bytes": peak - base}
 
 
 def original_loop(source, helper, shared_src, shared_helper, missing):
@@ -329,7 +335,7 @@ def original_loop(source, helper, shared_src, shared_helper, missing):
 def bench_clp(quick):
     V_h, V_s, d_h, d_s = 50257, 50304, 768, 1024
     n_shared = V_h // 2
-    ours = child(CLP_CHILD, V_h, V_s, d_h, d_s, n_shared)
+    ours = child("clp", V_h, V_s, d_h, d_s, n_shared)
     # the loop on a subset of the missing tokens, scaled to all of them (input and output embeddings: two passes)
     g = torch.Generator().manual_seed(0)
     helper = torch.randn(V_h, d_h, generator=g) + 2.0 * torch.randn(d_h, generator=g)
@@ -360,7 +366,7 @@ def bench_data(work, quick):
     import gzip
 
     import data
-    from model import load_tokenizer
+    from common import load_tokenizer
 
     eltec = os.path.join(os.environ["ELTEC_DIR"], "deu") if os.environ.get("ELTEC_DIR") else None
     folder = eltec or os.path.join(TESTDATA, "eltec", "deu")
@@ -415,7 +421,7 @@ def bench_gpu(work, quick):
         data_dir = synthetic_data(os.path.join(work, f"gpu-data-{name}"), 50277, 4_000_000)
         out_dir = os.path.join(work, f"gpu-{name}")
         kw = dict(shape, block_size=2048, batch_size=batch, gradient_accumulation_steps=1)
-        r = child(TRAIN_STEP_CHILD, data_dir, out_dir, "bfloat16", 20, json.dumps(kw | {"compile": True}))
+        r = child("train_run", data_dir, out_dir, "bfloat16", 20, json.dumps(kw | {"compile": True}))
         rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"mfu"' in line][5:]
         results[name] = {"tokens_per_s": r["tokens_per_s"], "mfu": statistics.median(x["mfu"] for x in rows),
                          "batch": batch, "block_size": 2048}
@@ -424,13 +430,21 @@ def bench_gpu(work, quick):
 
 # -----------------------------------------------------------------------------
 
+CHILDREN = {"train_run": train_run_child, "train_vs_hf": train_vs_hf_child, "phase_memory": phase_memory_child,
+            "phase_time": phase_time_child, "clp": clp_child}
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps (a smoke test, not figures)")
     p.add_argument("--only", default="train,phases,clp,data,gpu", help="comma-separated parts to run")
     p.add_argument("--out", default="out/bench")
+    p.add_argument("--child", choices=CHILDREN, help="(internal) run one measurement in this process, print JSON")
+    p.add_argument("child_args", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](*args.child_args)))
+        return None
     parts = set(args.only.split(","))
     unknown = parts - {"train", "phases", "clp", "data", "gpu"}
     if unknown:

@@ -33,7 +33,6 @@ python clp.py apply_clp --source_model_name_or_path EleutherAI/pythia-410m \\
 
 import argparse
 import dataclasses
-import glob
 import math
 import os
 import time
@@ -42,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, UserError, atomic_dir, load_tokenizer, read_json, read_special_tokens, resolve_model_dir,
-                   run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+from common import (UserError, atomic_dir, check_device, load_tokenizer, read_json, read_special_tokens,
+                    resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+from model import GPT, read_weights, weight_files
 
 WEIGHTINGS = ("dense", "topk", "sparsemax")
 OUTPUT_EMBEDDINGS = ("clp", "source_by_id", "random")
@@ -192,33 +192,13 @@ def load_input_embeddings(path):
     """The input-embedding matrix of any HF causal LM directory, found by its well-known name (GPT-2, GPT-NeoX,
     Llama-style, BLOOM) and read alone from safetensors (lazily), else from pytorch_model*.bin.
     Returns (tensor, key, file)."""
-    from safetensors import SafetensorError, safe_open
-
     seen = []
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                keys = list(f.keys())
-                for key in EMBEDDING_KEYS:
-                    if key in keys:
-                        return f.get_tensor(key), key, file
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{file}: cannot read safetensors ({e})") from None
-        seen += keys
-    if not files:
-        files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
-        for file in files:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as e:  # torch raises several types for truncated or foreign pickles
-                raise UserError(f"{file}: cannot read PyTorch weights ({str(e).splitlines()[0]})") from None
-            for key in EMBEDDING_KEYS:
-                if key in state:
-                    return state[key], key, file
-            seen += list(state)
-    if not files:
-        raise UserError(f"{path}: no weights (expected *.safetensors or pytorch_model*.bin)")
+    for file in weight_files(path):
+        found, names = read_weights(file, EMBEDDING_KEYS)
+        for key in EMBEDDING_KEYS:
+            if key in found:
+                return found[key], key, file
+        seen += names
     raise UserError(f"{path}: no input-embedding tensor found (looked for {', '.join(EMBEDDING_KEYS)}; the weights "
                     f"hold {', '.join(seen[:6])}{' ...' if len(seen) > 6 else ''})")
 
@@ -324,8 +304,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     for name, value in (("top_k", top_k), ("pad_to_multiple_of", pad_to_multiple_of), ("chunk_size", chunk_size)):
         if int(value) < 1:
             raise UserError(f"{name}={value}: expected a positive integer")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device!r}: CUDA is not available on this machine")
+    check_device(str(device), "device")
     if target_model_path:
         check_target(target_model_path, override)
 
@@ -360,7 +339,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     missing = missing[~torch.isin(missing, torch.tensor(list(copies), dtype=torch.long))]
     copy_helper = torch.cat([shared_helper, torch.tensor(list(copies), dtype=torch.long)])
     copy_src = torch.cat([shared_src, torch.tensor(list(copies.values()), dtype=torch.long)])
-    num_rows = math.ceil(n_tokens / pad_to_multiple_of) * pad_to_multiple_of
+    num_rows = round_up(n_tokens, pad_to_multiple_of)
 
     # CLP for the matrices it initialises (the weights computed once), random init or the study's head for the rest
     clp_sources = ([] if random_init else [E_in]) + ([E_out] if not tied and output_embeddings == "clp" else [])
@@ -396,8 +375,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     report = {
         "method": "random_init" if random_init else "clp",
         "source": describe_input(source_model_name_or_path, source_revision, source_dir,
-                                 glob.glob(os.path.join(source_dir, "*.safetensors"))
-                                 or glob.glob(os.path.join(source_dir, "pytorch_model*.bin"))),
+                                 weight_files(source_dir)),
         "source_tokenizer_sha256": tokenizer_sha256(source_dir),
         "helper": {**describe_input(helper_model_name_or_path, helper_revision, helper_dir, [helper_file]),
                    "embedding": helper_key, "embedding_shape": list(helper_emb.shape)},

@@ -53,8 +53,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from model import (UserError, atomic_dir, atomic_path, load_tokenizer, read_special_tokens, resolve_model_dir, run_cli,
-                   save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+from common import (UserError, atomic_dir, atomic_path, load_tokenizer, read_json, read_special_tokens,
+                    resolve_model_dir, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 
 # -----------------------------------------------------------------------------
 # readers: each yields documents (strings) in source order
@@ -115,10 +115,10 @@ SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".par
 TXT_DOCUMENTS = ("file", "line", "blank_line")
 
 
-def file_type(path):
-    """The entry of SUFFIXES a file name ends with (case-insensitive), or None."""
+def file_type(path, suffixes=SUFFIXES):
+    """The entry of `suffixes` (the document formats by default) a file name ends with (case-insensitive), or None."""
     name = path.lower()
-    return next((s for s in SUFFIXES if name.endswith(s)), None)
+    return next((s for s in suffixes if name.endswith(s)), None)
 
 
 def _decode(raw, stats, path, line=None):
@@ -151,7 +151,8 @@ def _field(obj, text_field, where):
     return text
 
 
-def _import_pyarrow(path):
+def import_pyarrow(path):
+    """pyarrow.parquet, the optional dependency parquet files need (for documents here and task records in eval.py)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -161,7 +162,7 @@ def _import_pyarrow(path):
 
 
 def _read_parquet(path, text_field, stats):
-    pq = _import_pyarrow(path)
+    pq = import_pyarrow(path)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError types on damaged files
@@ -293,8 +294,9 @@ def split_of(path):
     return next((split for split, pattern in SPLIT_NAMES.items() if pattern.search(path)), None)
 
 
-def open_source(spec, config_name=None, revision=None):
-    """(description for meta.json, list of zero-argument functions that each return one local file's path)."""
+def open_source(spec, config_name=None, revision=None, suffixes=SUFFIXES):
+    """(description for meta.json, list of zero-argument functions that each return one local file's path). The
+    one reader of source specs: data.py's documents and eval.py's hub task data (its own `suffixes`) go through it."""
     spec = os.fspath(spec)
     if spec.startswith("hf://"):
         if not spec.startswith("hf://datasets/"):
@@ -304,40 +306,41 @@ def open_source(spec, config_name=None, revision=None):
             raise UserError(f"{spec}: expected hf://datasets/ORG/NAME[@REVISION]/GLOB")
         name, _, rev = parts[1].partition("@")
         return _hub_source(f"{parts[0]}/{name}", urllib.parse.unquote(rev) or revision,
-                           parts[2] if len(parts) > 2 else "", spec)
+                           parts[2] if len(parts) > 2 else "", spec, suffixes=suffixes)
     if spec.startswith(("http://", "https://")):
-        return _url_source(spec)
+        return _url_source(spec, suffixes)
     if os.path.isdir(spec):
         files = sorted((os.path.join(root, f) for root, _, names in os.walk(spec) for f in names
-                        if file_type(f) and not f.startswith(".")), key=lambda p: os.path.relpath(p, spec))
+                        if file_type(f, suffixes) and not f.startswith(".")), key=lambda p: os.path.relpath(p, spec))
         if not files:
-            raise UserError(f"{spec}: directory holds no readable files (expected {', '.join(SUFFIXES)})")
+            raise UserError(f"{spec}: directory holds no readable files (expected {', '.join(suffixes)})")
     elif os.path.isfile(spec):
         files = [spec]
     elif glob.has_magic(spec):
         files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
         if not files:
             raise UserError(f"{spec}: no files match")
-    elif HUB_ID.match(spec) and not spec.startswith(".") and not file_type(spec.partition("@")[0]):
+    elif HUB_ID.match(spec) and not spec.startswith(".") and not file_type(spec.partition("@")[0], suffixes):
         repo, _, rev = spec.partition("@")
-        return _hub_source(repo, rev or revision, f"{config_name}/**" if config_name else "", spec, train_only=True)
+        return _hub_source(repo, rev or revision, f"{config_name}/**" if config_name else "", spec, train_only=True,
+                           suffixes=suffixes)
     else:
         raise UserError(f"{spec}: no such file or directory (nor a hub dataset ORG/NAME, hf://datasets/... or URL)")
     for f in files:
-        if not file_type(f):
-            raise UserError(f"{f}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+        if not file_type(f, suffixes):
+            raise UserError(f"{f}: unsupported file type (expected one of {', '.join(suffixes)})")
     return _listed({"source": spec, "files": files}, [lambda f=f: f for f in files])
 
 
 def _listed(desc, fetchers):
     """A listed source, checked for what can fail before any download: pyarrow for parquet files."""
-    parquet = [f for f in desc["files"] if file_type(f) == ".parquet"]
+    parquet = [f for f in desc["files"] if f.lower().endswith(".parquet")]
     if parquet:
-        _import_pyarrow(f"{desc['source']} ({parquet[0]})")
+        import_pyarrow(f"{desc['source']} ({parquet[0]})")
     return desc, fetchers
 
 
-def _hub_source(repo_id, revision, pattern, spec, train_only=False):
+def _hub_source(repo_id, revision, pattern, spec, train_only=False, suffixes=SUFFIXES):
     """A hub dataset's files matching `pattern` (fnmatch: * also crosses /; empty: all readable files), at one
     commit; with train_only, of files that name their splits (train/, validation-0000.parquet, ...) the train
     split's only. Listed through the hub API, or from the huggingface_hub cache when offline (HF_HUB_OFFLINE=1)."""
@@ -366,12 +369,12 @@ def _hub_source(repo_id, revision, pattern, spec, train_only=False):
         commit = os.path.basename(folder)
         names = [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
                  for root, _, fs in os.walk(folder) for f in fs]
-    names = sorted(n for n in names if file_type(n) and os.path.basename(n) not in HUB_METADATA
+    names = sorted(n for n in names if file_type(n, suffixes) and os.path.basename(n) not in HUB_METADATA
                    and (not pattern or fnmatch.fnmatchcase(n, pattern)))
     if train_only and any(split_of(n) for n in names):
         names = [n for n in names if split_of(n) == "train"]
     if not names:
-        raise UserError(f"{where}: no readable files match {pattern or '*'} (expected {', '.join(SUFFIXES)})")
+        raise UserError(f"{where}: no readable files match {pattern or '*'} (expected {', '.join(suffixes)})")
 
     def fetch(name):
         try:
@@ -391,14 +394,14 @@ def url_cache_dir():
     return os.environ.get("DATA_URL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clp-transfer", "urls")
 
 
-def _url_source(spec):
+def _url_source(spec, suffixes=SUFFIXES):
     url, _, fragment = spec.partition("#")
     expected = fragment.removeprefix("sha256=").lower() if fragment else None
     if fragment and not re.fullmatch(r"[0-9a-f]{64}", expected):
         raise UserError(f"{spec}: the URL fragment must be #sha256=<64 hex digits>")
     name = os.path.basename(urllib.parse.urlparse(url).path)
-    if not file_type(name):
-        raise UserError(f"{spec}: unsupported file type {name!r} (expected one of {', '.join(SUFFIXES)})")
+    if not file_type(name, suffixes):
+        raise UserError(f"{spec}: unsupported file type {name!r} (expected one of {', '.join(suffixes)})")
     desc = {"source": spec, "url": url, "files": [name]}
     _listed(desc, [])
 
@@ -709,8 +712,6 @@ def load_meta(data_dir):
     """meta.json of a prepared data directory, checked: required fields present, token files a whole number of
     tokens of the recorded dtype."""
     import numpy as np
-
-    from model import read_json
 
     if not os.path.isdir(data_dir):
         raise UserError(f"{data_dir}: data directory not found (prepare it with `python data.py ... --output_dir "

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +32,9 @@ import clp
 import data
 import eval as evaluation
 from bench import machine
-from model import GPT, GPTConfig, UserError, atomic_path, read_json, run_cli, save_tokenizer, sha256_file, write_json
+from common import (UserError, atomic_dir, atomic_path, load_tokenizer, read_json, round_up, run_cli, save_tokenizer,
+                    sha256_file, write_json)
+from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = os.path.join(HERE, "config", "demo_eltec.tsv")
@@ -103,13 +104,10 @@ def prepare_data(out, mode, sources):
     for lang in ("eng", "deu"):
         heldout = os.path.join(out, f"heldout-{lang}")
         if not stage(f"held-out {lang} slices", os.path.isdir(heldout)):
-            tmp = heldout + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            for i, doc in enumerate(data.iter_documents(sources[lang, "valid"])):
-                with open(os.path.join(tmp, f"{i}.txt"), "w", encoding="utf-8") as f:
-                    f.write(doc[:mode["heldout_chars"]])
-            os.replace(tmp, heldout)
+            with atomic_dir(heldout) as tmp:
+                for i, doc in enumerate(data.iter_documents(sources[lang, "valid"])):
+                    with open(os.path.join(tmp, f"{i}.txt"), "w", encoding="utf-8") as f:
+                        f.write(doc[:mode["heldout_chars"]])
         token_dir = os.path.join(out, f"data-{lang}")
         if not stage(f"{lang} tokenizer and token files", os.path.isfile(os.path.join(token_dir, "meta.json"))):
             train = sources[lang, "train"][:mode["train_novels"]]
@@ -144,17 +142,13 @@ def scratch_init(out, like, tokenizer_dir, seed=1337):
     config = GPT.from_pretrained(like).config
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**config.__dict__, "vocab_size": clp_vocab_rows(tokenizer_dir)}))
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    save_tokenizer(tokenizer_dir, tmp)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer_dir, tmp)
 
 
 def clp_vocab_rows(tokenizer_dir, multiple=128):
-    from model import load_tokenizer
-
-    return -(-load_tokenizer(tokenizer_dir).get_vocab_size() // multiple) * multiple
+    return round_up(load_tokenizer(tokenizer_dir).get_vocab_size(), multiple)
 
 
 # -----------------------------------------------------------------------------

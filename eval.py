@@ -59,7 +59,6 @@ import os
 import random
 import string
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
@@ -69,7 +68,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import GPT, UserError, load_tokenizer, read_json, read_special_tokens, resolve_model_dir, run_cli, write_json
+from common import (UserError, check_device, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir,
+                    run_cli, torch_dtype, write_json)
+from model import GPT
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(ROOT, "tasks")
@@ -123,11 +124,9 @@ def make_lm(model, tokenizer, max_length=None, batch_size=8, prefix_token_id=Non
         raise UserError(f"max_length={max_length} must lie in [1, {block}] (the model's max_position_embeddings)")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be at least 1")
-    autocast = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in autocast:
-        raise UserError(f"dtype={dtype!r}: expected one of float32, bfloat16, float16")
+    autocast = None if dtype in (None, "float32") else torch_dtype(dtype)
     prefix = model.config.eos_token_id if prefix_token_id is None else prefix_token_id
-    return LM(model, tokenizer, prefix, max_length, batch_size, autocast[dtype], progress)
+    return LM(model, tokenizer, prefix, max_length, batch_size, autocast, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -184,11 +183,6 @@ def rolling_windows(tokens, prefix_token_id, max_length, stride=None):
 def perplexity_metrics(nll, tokens, words, n_bytes):
     return {"token_perplexity": exp(nll / tokens), "word_perplexity": exp(nll / words) if words else None,
             "byte_perplexity": exp(nll / n_bytes), "bits_per_byte": nll / (n_bytes * math.log(2))}
-
-
-def exp(x):
-    """math.exp, but a diverged model's perplexity (beyond 1.8e308) is inf rather than an OverflowError."""
-    return math.exp(x) if x < 709.78 else math.inf
 
 
 def perplexity(model, tokenizer, documents, max_length=None, stride=None, batch_size=8, prefix_token_id=None,
@@ -329,25 +323,9 @@ def task_sources(task, override=None):
 
 def hub_files(url):
     """Local paths of hf://datasets/ORG/NAME[@REVISION]/PATH-OR-GLOB, fetched into (or read from) the
-    huggingface_hub cache. A revision with slashes is URL-encoded (@refs%2Fconvert%2Fparquet)."""
-    parts = url[len("hf://"):].split("/", 3)
-    if len(parts) < 4 or parts[0] != "datasets" or not parts[3]:
-        raise UserError(f"{url}: expected hf://datasets/ORG/NAME[@REVISION]/PATH (a file or glob in the repo)")
-    name, _, revision = parts[2].partition("@")
-    repo_id, pattern = f"{parts[1]}/{name}", parts[3]
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        local = snapshot_download(repo_id, repo_type="dataset", revision=urllib.parse.unquote(revision) or None,
-                                  allow_patterns=[pattern])
-    except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise UserError(f"{url}: the hub dataset is unavailable ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                        "point the task at a local copy with --task_data or EVAL_DATA_DIR") from None
-    files = sorted(glob.glob(os.path.join(local, pattern)))
-    if not files:
-        raise UserError(f"{url}: no file of dataset {repo_id} matches {pattern!r}")
-    return files
+    huggingface_hub cache by data.py's source layer (one hf:// grammar, one download path for both tools)."""
+    _, fetchers = data.open_source(url, suffixes=tuple(FORMATS) + tuple(f"{s}.gz" for s in FORMATS if s != ".parquet"))
+    return [fetch() for fetch in fetchers]
 
 
 FORMATS = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -387,12 +365,7 @@ def read_records(source, columns=None):
     for path in files:
         kind = file_format(path)
         if kind == "parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give a TSV/CSV/JSONL "
-                                "copy with --task_data") from None
-            records += pq.read_table(path).to_pylist()
+            records += data.import_pyarrow(path).read_table(path).to_pylist()
             continue
         try:
             with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", newline="") as f:
@@ -583,27 +556,6 @@ def parse_task_data(items, names):
         kind = split or ("dir" if os.path.isdir(path) else "test")
         out.setdefault(name, {})[kind] = path
     return out
-
-
-DEVICES = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
-           "mps": lambda: torch.backends.mps.is_available()}
-
-
-def check_device(name):
-    """The torch.device `name` names, on this machine: a typo or a missing GPU is a one-line error before the task
-    data is read and the model loads (torch reports them as tracebacks, CUDA's only at the first .to())."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name!r}: not a device; expected cpu, cuda, cuda:N or mps") from None
-    if device.type not in DEVICES:
-        raise UserError(f"--device {name!r}: eval.py runs on cpu, cuda, cuda:N or mps")
-    if not DEVICES[device.type]():
-        raise UserError(f"--device {name!r}: no {device.type.upper()} device available to this torch "
-                        f"{torch.__version__} (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def check_output(path):

@@ -3,251 +3,20 @@ GPT-NeoX (the Pythia architecture), exactly as Hugging Face transformers runs it
 
 Parameter names are the HF checkpoint keys (gpt_neox.embed_in.weight, ..., embed_out.weight), so state dicts
 round-trip 1:1: `GPT.from_pretrained` reads any HF-format GPT-NeoX directory or hub id, `save_pretrained` writes
-one that transformers and lm-evaluation-harness load. This file also holds the few things every other tool of the
-project shares: hub resolution, tokenizer files, atomic writes and the one-line user error.
+one that transformers and lm-evaluation-harness load. The plumbing (hub resolution, atomic writes, JSON, the
+one-line user error) lives in common.py.
 """
 
 import glob
-import hashlib
-import json
-import math
 import os
-import shutil
-import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# shared conventions: user errors, atomic writes, hub resolution, tokenizer files
+from common import UserError, atomic_path, read_json, resolve_model_dir, torch_dtype, write_json
 
-
-class UserError(Exception):
-    """A problem with the user's input (a path, a file, a config value). CLIs print it as one line, no traceback."""
-
-
-def run_cli(main, argv=None):
-    """Run a CLI main(); a UserError ends it with 'error: ...' on stderr and exit code 1 (traceback with DEBUG=1)."""
-    try:
-        return main(argv)
-    except UserError as e:
-        if os.environ.get("DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes without an exception."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)  # mkstemp creates the file private (0600); give it the mode a plain open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def atomic_dir(path):
-    """Yield a temporary directory beside `path`; when the block finishes without an exception it takes `path`'s
-    place (a previous `path` goes only then, and comes back if the rename fails). Never a half-written directory."""
-    parent, name = os.path.split(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
-    old = None
-    try:
-        yield tmp
-        umask = os.umask(0)  # mkdtemp creates it private (0700); give it the mode os.mkdir would
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".tmp-old-{name}-")
-            os.replace(path, os.path.join(old, name))
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old:
-                os.replace(os.path.join(old, name), path)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path, obj):
-    """Strict JSON, written atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-
-
-def json_safe(obj):
-    """JSON has no NaN or Infinity (json.dumps would write invalid tokens): a non-finite float is written as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def read_json(path):
-    """Read a JSON file; a missing or malformed file is a UserError naming it."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found" + (" (it is a directory)" if os.path.isdir(path) else ""))
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
-BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
-CONFIG_PATTERNS = ["config.json", "generation_config.json"] + TOKENIZER_FILES
-
-
-def resolve_model_dir(name_or_path, revision=None, weights=True):
-    """A local directory as it is, or a hub id (optionally at `revision`, e.g. 'step143000') downloaded into the
-    huggingface_hub cache: config and tokenizer files plus safetensors weights, or .bin weights when a revision has no
-    safetensors. With HF_HUB_OFFLINE=1 only the cache is read. Returns the local directory."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path):
-        raise UserError(f"{name_or_path}: expected a model directory or a hub id, got a file")
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"{name_or_path}: no such directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    def download(patterns):
-        try:
-            return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
-        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise UserError(f"{name_or_path} (revision {revision or 'main'}): not found on the Hugging Face hub "
-                            f"({type(e).__name__})") from None
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-            raise UserError(f"{name_or_path} (revision {revision or 'main'}): not a local directory and the hub "
-                            f"copy is unavailable: {str(e).splitlines()[0]}") from None
-
-    local = download(CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else []))
-    if weights and not glob.glob(os.path.join(local, "*.safetensors")):
-        local = download(CONFIG_PATTERNS + BIN_PATTERNS)
-    return local
-
-
-def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from tokenizer.json (a file, or a directory holding one), or from the GPT-2-style
-    vocab.json + merges.txt pair."""
-    from tokenizers import Tokenizer
-
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if os.path.isdir(file):
-        raise UserError(f"{file}: is a directory, expected the tokenizer.json file")
-    if os.path.isfile(file):
-        try:
-            return Tokenizer.from_file(file)
-        except Exception as e:  # tokenizers raises a plain Exception on malformed files
-            raise UserError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-    if os.path.isdir(path) and os.path.isfile(vocab) and os.path.isfile(merges):
-        from tokenizers import decoders, models, pre_tokenizers, processors
-
-        try:
-            tok = Tokenizer(models.BPE.from_file(vocab, merges))
-        except Exception as e:
-            raise UserError(f"{path}: cannot read vocab.json + merges.txt ({str(e).splitlines()[0]})") from None
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        if tok.token_to_id("<|endoftext|>") is not None:
-            tok.add_special_tokens(["<|endoftext|>"])
-        return tok
-    raise UserError(f"{path}: no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt)")
-
-
-def tokenizer_sha256(path):
-    """Identity of a tokenizer: sha256 of its tokenizer.json file, or for a vocab.json + merges.txt pair, of the
-    tokenizer.json that `save_tokenizer` writes for it. Token files and models carry it so they cannot be mixed up."""
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if os.path.isfile(file):
-        return sha256_file(file)
-    return hashlib.sha256(load_tokenizer(path).to_str().encode()).hexdigest()
-
-
-SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def save_tokenizer(src, out_dir, special_tokens=None):
-    """Write tokenizer.json (copied byte for byte when `src` has one) plus tokenizer_config.json and
-    special_tokens_map.json, so transformers' AutoTokenizer and lm-evaluation-harness load the directory.
-    `special_tokens` maps roles (eos_token, ...) to token strings; by default the source's files say, else
-    <|endoftext|> when the vocabulary has it."""
-    os.makedirs(out_dir, exist_ok=True)
-    src_file = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
-    dst_file = os.path.join(out_dir, "tokenizer.json")
-    if os.path.isfile(src_file):
-        if os.path.abspath(src_file) != os.path.abspath(dst_file):
-            with atomic_path(dst_file) as tmp:
-                shutil.copyfile(src_file, tmp)
-    else:
-        with atomic_path(dst_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(load_tokenizer(src).to_str())
-    if special_tokens is None:
-        special_tokens = read_special_tokens(src)
-    model_max_length = int(1e30)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-              "clean_up_tokenization_spaces": False, **special_tokens}
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
-    write_json(os.path.join(out_dir, "special_tokens_map.json"), special_tokens)
-
-
-def read_special_tokens(src):
-    """Roles -> token strings from a model directory's tokenizer_config.json / special_tokens_map.json, falling back
-    to <|endoftext|> (the GPT-2 / GPT-NeoX convention) for bos, eos and unk when the vocabulary has it."""
-    found = {}
-    if os.path.isdir(src):
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            file = os.path.join(src, name)
-            if os.path.isfile(file):
-                for role in SPECIAL_ROLES:
-                    value = read_json(file).get(role)
-                    value = value.get("content") if isinstance(value, dict) else value
-                    if isinstance(value, str) and role not in found:
-                        found[role] = value
-    if not found:
-        tok = load_tokenizer(src)
-        if tok.token_to_id("<|endoftext|>") is not None:
-            found = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    return found
-
-
-# -----------------------------------------------------------------------------
-# the model
 
 HF_NAMES = {  # GPTConfig field -> HF config.json key
     "vocab_size": "vocab_size",
@@ -502,9 +271,7 @@ class GPT(nn.Module):
         if dtype == "auto":
             dtype = next(iter(state.values())).dtype if state else torch.float32
         elif isinstance(dtype, str):  # "bfloat16", "float16", ...
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise UserError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16, or 'auto')")
-            dtype = getattr(torch, dtype)
+            dtype = torch_dtype(dtype)
         with torch.device("meta"):
             model = cls(config)
         check_state_dict(model, state, path)
@@ -527,34 +294,47 @@ class GPT(nn.Module):
         write_json(os.path.join(path, "config.json"), self.config.to_hf(dtype))
 
 
-def load_state_dict(path):
-    """All weights of a HF-format directory: safetensors first (single or sharded), then pytorch_model*.bin."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    def shards(index_name, single_name):
+def weight_files(path):
+    """The weight files of a HF-format directory: safetensors first (the shards its index names, else every
+    *.safetensors), then pytorch_model*.bin likewise. The one place that decides which files hold the weights."""
+    def listed(index_name, pattern):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
             return [os.path.join(path, f) for f in sorted(set(read_json(index).get("weight_map", {}).values()))]
-        single = os.path.join(path, single_name)
-        return [single] if os.path.isfile(single) else []
+        return sorted(glob.glob(os.path.join(path, pattern)))
 
-    state = {}
-    if files := shards("model.safetensors.index.json", "model.safetensors"):
-        for f in files:
-            try:
-                state.update(load_file(f))
-            except (SafetensorError, OSError) as e:
-                raise UserError(f"{f}: cannot read safetensors ({e})") from None
-    elif files := shards("pytorch_model.bin.index.json", "pytorch_model.bin"):
-        for f in files:
-            try:
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
-            except Exception as e:  # torch raises several types for truncated or foreign pickles
-                raise UserError(f"{f}: cannot read PyTorch weights ({str(e).splitlines()[0]})") from None
-    else:
+    files = listed("model.safetensors.index.json", "*.safetensors") or listed("pytorch_model.bin.index.json",
+                                                                              "pytorch_model*.bin")
+    if not files:
         raise UserError(f"{path}: no weights (expected model.safetensors, model.safetensors.index.json or "
                         "pytorch_model.bin)")
+    return files
+
+
+def read_weights(file, keys=None):
+    """The tensors of one weight file (safetensors, else a PyTorch pickle read weights_only), only `keys` when given
+    (from safetensors those alone are read). Returns (tensors, the names of every tensor the file holds)."""
+    if file.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(file, framework="pt") as f:
+                names = list(f.keys())
+                return {k: f.get_tensor(k) for k in names if keys is None or k in keys}, names
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file}: cannot read safetensors ({e})") from None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign pickles
+        raise UserError(f"{file}: cannot read PyTorch weights ({str(e).splitlines()[0]})") from None
+    return {k: v for k, v in state.items() if keys is None or k in keys}, list(state)
+
+
+def load_state_dict(path):
+    """All weights of a HF-format directory (see weight_files), without the buffers old checkpoints carry."""
+    state = {}
+    for file in weight_files(path):
+        state.update(read_weights(file)[0])
     return {k: v for k, v in state.items() if not k.endswith(LEGACY_BUFFERS)}
 
 

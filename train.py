@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
-from model import (GPT, GPTConfig, UserError, atomic_dir, atomic_path, json_safe, load_tokenizer, resolve_model_dir,
-                   run_cli, save_tokenizer, tokenizer_sha256, write_json)
+from common import (UserError, atomic_dir, atomic_path, exp, json_safe, load_tokenizer, resolve_model_dir, round_up,
+                    run_cli, save_tokenizer, tokenizer_sha256, torch_dtype, write_json)
+from model import GPT, GPTConfig
 
 
 @dataclass
@@ -149,21 +150,28 @@ def parse_config(argv, defaults=None):
                     value = {"true": True, "false": False}.get(raw.lower(), raw)
             assign(key, value, arg)
         else:
-            if not os.path.isfile(arg):
-                what = "is a directory, not a config file" if os.path.isdir(arg) else "config file not found"
-                raise UserError(f"{arg}: {what}")
-            namespace = {}
-            try:
-                exec(compile(open(arg, encoding="utf-8").read(), arg, "exec"), {"__file__": os.path.abspath(arg)},
-                     namespace)
-            except SyntaxError as e:
-                raise UserError(f"{arg}, line {e.lineno}: syntax error ({e.msg})") from None
-            except Exception as e:
-                raise UserError(f"{arg}: the config file raised {type(e).__name__}: {e}") from None
-            for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-                    assign(key, value, arg)
+            for key, value in read_config_file(arg).items():
+                assign(key, value, arg)
     return cfg
+
+
+def read_config_file(path):
+    """The assignments of a python config file (checked by the caller): it runs with __file__ set to its path, so
+    it finds its base config from any working directory; modules, functions and names starting with '_' in it are
+    helpers, not config keys."""
+    if not os.path.isfile(path):
+        what = "is a directory, not a config file" if os.path.isdir(path) else "config file not found"
+        raise UserError(f"{path}: {what}")
+    namespace = {}
+    try:
+        exec(compile(open(path, encoding="utf-8").read(), path, "exec"), {"__file__": os.path.abspath(path)},
+             namespace)
+    except SyntaxError as e:
+        raise UserError(f"{path}, line {e.lineno}: syntax error ({e.msg})") from None
+    except Exception as e:
+        raise UserError(f"{path}: the config file raised {type(e).__name__}: {e}") from None
+    return {key: value for key, value in namespace.items()
+            if not key.startswith("_") and not callable(value) and type(value).__name__ != "module"}
 
 
 def check_config(cfg):
@@ -299,10 +307,6 @@ def plan_phases(cfg, train_blocks, world_size=1):
     return phases
 
 
-def perplexity(loss):
-    return math.exp(loss) if loss < 700 else float("inf")  # a diverged or badly initialised model: no overflow
-
-
 def phase_at(phases, step):
     return next((p for p in phases if p.start <= step < p.start + p.steps), phases[-1])
 
@@ -361,7 +365,7 @@ def forward_backward(model, batches, autocast, scaler, ddp, device):
 
 
 # -----------------------------------------------------------------------------
-# the run
+# checks and the export
 
 
 def peak_flops(device_name, dtype):
@@ -407,6 +411,358 @@ def finished(summary_path, step):
         return False
 
 
+# -----------------------------------------------------------------------------
+# the run's state and where it runs
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run continues from besides the weights, the optimizer and the scaler. ckpt.pt holds its
+    fields as top-level keys (the layout checkpoints have always had), so it is saved and restored whole."""
+    step: int = 0
+    tokens: int = 0
+    pos: int = 0  # the next block of train.bin, counted over all ranks
+    best_val_loss: float = math.inf
+    val_loss: float = None  # the latest evaluation: at a finished run's last step, its final one
+    nonfinite_steps: int = 0
+    phase_stats: dict = field(default_factory=dict)  # per phase, so that summary.json covers the whole run
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among world_size (DDP under torchrun), its device and the precision."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    dtype: str  # float32 | bfloat16 | float16 ('auto' resolved)
+    autocast: object
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+
+def setup_processes(cfg):
+    """The process group (under torchrun), the device, the precision and the seed."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout_s))
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        if device_type == "cuda":
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+    check_accumulation(cfg, world_size, rank == 0)
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch_dtype(dtype))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed + rank)
+    return Runtime(ddp, rank, local_rank, world_size, device, dtype, autocast)
+
+
+def check_accumulation(cfg, world_size, master):
+    for key, batch in (("gradient_accumulation_steps", cfg.batch_size),
+                       ("embedding_gradient_accumulation_steps", cfg.embedding_batch_size or cfg.batch_size)):
+        value = getattr(cfg, key)
+        if value >= world_size and value % world_size:
+            raise UserError(f"{key}={value} is not divisible by the {world_size} processes (it counts micro-batches "
+                            "per optimizer step over all processes; fewer than the processes means one each)")
+        if 0 < value < world_size and master and (key == "gradient_accumulation_steps" or cfg.embedding_tuning_frac):
+            print(f"{key}={value} is fewer than the {world_size} processes: each runs one micro-batch per optimizer "
+                  f"step, {world_size} x {batch} sequences")
+
+
+def all_mean(value, rt):
+    if not rt.ddp:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.item() / rt.world_size
+
+
+# -----------------------------------------------------------------------------
+# the model and its checkpoint
+
+
+def load_config(argv, defaults):
+    """The run's TrainConfig and, for init_from='resume', the checkpoint it continues from (else None). A resumed
+    run keeps its saved settings; only what the command line gives again (argv) overrides them."""
+    cfg = parse_config(argv, defaults)
+    checkpoint = None
+    if cfg.init_from == "resume":
+        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        saved = TrainConfig(**checkpoint["config"])
+        cfg = parse_config(argv, {**asdict(saved), "init_from": "resume"})
+    check_config(cfg)
+    return cfg, checkpoint
+
+
+def load_checkpoint(ckpt_path):
+    if not os.path.isfile(ckpt_path):
+        raise UserError(f"init_from='resume': no checkpoint at {ckpt_path}")
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{ckpt_path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def build_model(cfg, meta, checkpoint, ckpt_path):
+    """The raw model (on the CPU, float32) from the checkpoint, from scratch or from init_from, checked against the
+    data; with the tokenizer directory the hf/ export copies and a name for the messages."""
+    if checkpoint is not None:
+        model_config = GPTConfig(**checkpoint["model_config"])
+        tokenizer_dir = checkpoint["tokenizer_dir"]
+        if tokenizer_dir and cfg.export_hf:
+            check_export_tokenizer(tokenizer_dir, f"{ckpt_path}: tokenizer_dir")
+        raw_model = GPT(model_config)
+        raw_model.load_state_dict(checkpoint["model"])
+        model_source = f"{ckpt_path} (from {checkpoint['config']['init_from']})"
+    elif cfg.init_from == "scratch":
+        tokenizer_file = meta.get("tokenizer_file")  # relative to the data directory, or absolute
+        tokenizer_dir = os.path.join(cfg.data_dir, tokenizer_file) if tokenizer_file else ""
+        if tokenizer_dir and cfg.export_hf:
+            check_export_tokenizer(tokenizer_dir, f"{os.path.join(cfg.data_dir, 'meta.json')}: tokenizer_file")
+        vocab_size = cfg.vocab_size or round_up(meta["vocab_size"])
+        model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                 intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
+                                 block_size=cfg.block_size, bos_token_id=meta["eos_token_id"],
+                                 eos_token_id=meta["eos_token_id"])
+        raw_model = GPT(model_config)
+        model_source = "scratch"
+    else:
+        tokenizer_dir = resolve_model_dir(cfg.init_from, cfg.init_revision or None)
+        raw_model = GPT.from_pretrained(tokenizer_dir)
+        model_config = raw_model.config
+        model_source = cfg.init_from
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+            raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data "
+                            "was tokenized with the model's tokenizer")
+        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), model_source, cfg.data_dir)
+    if meta["vocab_size"] > model_config.vocab_size:
+        raise UserError(f"{cfg.data_dir}: vocabulary of {meta['vocab_size']} tokens, but the model "
+                        f"{model_source} has only {model_config.vocab_size} embedding rows")
+    if cfg.block_size > model_config.block_size:
+        raise UserError(f"block_size={cfg.block_size} exceeds the model's max_position_embeddings "
+                        f"{model_config.block_size}")
+    return raw_model, tokenizer_dir, model_source
+
+
+def restore_training(checkpoint, raw_model, optimizer, scaler, phase, cfg, rt):
+    """The optimizer and scaler state (loaded with the parameters trainable as they were when saved) and the rng."""
+    set_trainable(raw_model, phase, cfg)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if rt.master:  # the other ranks keep their seed + rank streams (nothing in training draws from them)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if rt.device_type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+
+
+def save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir, phase, state, rt):
+    """ckpt.pt, written atomically and fsynced by rank 0; every rank waits for it."""
+    if rt.master:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+        checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scaler": scaler.state_dict(), "model_config": asdict(raw_model.config),
+                      "tokenizer_dir": tokenizer_dir, "config": asdict(cfg), "phase": phase.name, **asdict(state),
+                      "rng": rng}
+        with atomic_path(ckpt_path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+    if rt.ddp:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step, the evaluation, the metrics log
+
+
+def next_batches(train_data, state, phase, rt, vocab_size):
+    """This rank's micro-batches of the next optimizer step; advances state.pos past the step's blocks."""
+    accum = phase.grad_accum // rt.world_size
+    batches = [check_ids(train_data.batch(state.pos + i * phase.batch_size * rt.world_size, phase.batch_size),
+                         train_data.path, vocab_size) for i in range(accum)]
+    state.pos += accum * phase.batch_size * rt.world_size
+    return batches
+
+
+def train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads=False):
+    """One optimizer step at learning rate lr: forward and backward over the micro-batches, gradient clipping, the
+    update. Returns the loss (mean over the ranks). A non-finite loss skips the update (the gradients are dropped);
+    counting it is the caller's. verify_grads (the first step after a phase switch): every trainable parameter got a
+    gradient, and the ranks agree after the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = all_mean(forward_backward(model, batches, rt.autocast, scaler, rt.ddp, rt.device).item(), rt)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], cfg.grad_clip)
+        if verify_grads:
+            missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, f"no gradients after the phase switch for {missing[:3]}"
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if verify_grads and rt.ddp:
+            assert ranks_identical(raw_model), "ranks diverged after the phase switch"
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    return loss
+
+
+def count_nonfinite(state, loss, cfg, rt, ckpt_path):
+    """A skipped step counts, evaluates and checkpoints like any other; more than max_nonfinite_steps end the run."""
+    state.nonfinite_steps += 1
+    if state.nonfinite_steps > cfg.max_nonfinite_steps:
+        raise UserError(f"non-finite training loss ({loss}) at step {state.step + 1}; the last good "
+                        f"checkpoint is {ckpt_path}" + ("" if os.path.isfile(ckpt_path) else " (none yet)")
+                        + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
+    if rt.master:
+        from tqdm import tqdm
+
+        tqdm.write(f"step {state.step + 1}: non-finite loss, step skipped "
+                   f"({state.nonfinite_steps}/{cfg.max_nonfinite_steps})")
+
+
+def step_record(state, phase, lr, loss, dt, tok_s, peak, raw_model, cfg, rt):
+    """The metrics.jsonl line of a training step (a skipped step's loss is null)."""
+    record = {"step": state.step, "phase": phase.name, "tokens": state.tokens, "lr": lr, "loss": loss, "dt_s": dt,
+              "tokens_per_s": tok_s}
+    if not math.isfinite(loss):
+        record.update(loss=None, skipped=True)
+    if peak:
+        record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / rt.world_size / peak
+    if rt.device_type == "cuda":
+        record["peak_mem_mb"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return record
+
+
+def record_phase_stats(phase_stats, phase, step_tokens, dt, first_step, record):
+    stats = phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0, "first_steps": 0,
+                                                "first_steps_seconds": 0.0})
+    stats["steps"] += 1
+    stats["tokens"] += step_tokens
+    stats["seconds"] += dt
+    if first_step:  # reported apart, and left out of the phase's tokens/s
+        stats["first_steps"] += 1
+        stats["first_steps_seconds"] += dt
+    if "peak_mem_mb" in record:
+        stats["peak_mem_mb"] = record["peak_mem_mb"]
+
+
+def eval_blocks(cfg, val_data, world_size):
+    return min(val_data.n_blocks, cfg.eval_iters * cfg.batch_size * world_size)
+
+
+def unwrapped(model, rt):
+    return model.module if rt.ddp else model  # no DDP collectives during evaluation
+
+
+@torch.no_grad()
+def evaluate(model, val_data, n, vocab_size, cfg, rt):
+    """Mean validation loss over the first n blocks (the same every time; all of them for the final pass), on all
+    ranks, token-weighted and summed across them. `model` is not DDP-wrapped."""
+    model.eval()
+    B = cfg.batch_size
+    nll = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for start in range(0, n, B * rt.world_size):
+        x, y = check_ids(val_data.batch(start, B), val_data.path, vocab_size)
+        keep = (start + rt.rank * B + torch.arange(B) < n).to(rt.device)  # the last global batch may be partial
+        x, y = x.to(rt.device), y.to(rt.device)
+        with rt.autocast:
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(1)
+        nll[0] += loss[keep].sum()
+        nll[1] += keep.sum() * cfg.block_size
+    if rt.ddp:
+        dist.all_reduce(nll)
+    model.train()
+    return (nll[0] / nll[1]).item()
+
+
+def ranks_identical(model):
+    """Every parameter equal on every rank (per-parameter sums compared exactly)."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return torch.equal(lo, hi)
+
+
+class MetricsLog:
+    """metrics.jsonl (and wandb), one JSON line per record, written by rank 0 only. A resumed run first drops what
+    the interrupted one logged after its checkpoint (resume_step), and a line cut short."""
+
+    def __init__(self, cfg, master, resume_step=None):
+        self.file = self.wandb = None
+        if not master:
+            return
+        if cfg.wandb_log:
+            import wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+            self.wandb = wandb
+        path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        kept = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # the process was killed while writing it
+                        break
+                    raise UserError(f"{path}, line {i + 1}: not valid JSON") from None
+                if record["step"] <= resume_step and "val_full_loss" not in record:  # the final pass comes again
+                    kept.append(line)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, record):
+        if self.file:
+            self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self.file.flush()
+            if self.wandb:
+                self.wandb.log(record, step=record["step"])
+
+
+def should_stop(stop, rt):
+    """A stop request on any rank stops all of them together, after the same step."""
+    flag = float(bool(stop.received))
+    if rt.ddp:
+        t = torch.tensor([flag], device=rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = t.item()
+    return flag > 0
+
+
+# -----------------------------------------------------------------------------
+# the run: signals, set-up, the loop, the end
+
+
 class Stop(BaseException):
     """SIGTERM or SIGINT outside the training loop, or a second one: the run ends at once (args: the signal)."""
 
@@ -450,374 +806,175 @@ def main(argv=None, defaults=None):
 
 
 def run(argv, defaults, stop):
-    cfg = parse_config(argv, defaults)
-    resume = cfg.init_from == "resume"
+    cfg, checkpoint = load_config(argv, defaults)
+    rt = setup_processes(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    checkpoint = None
-    if resume:
-        if not os.path.isfile(ckpt_path):
-            raise UserError(f"init_from='resume': no checkpoint at {ckpt_path}")
-        try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{ckpt_path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
-        saved = TrainConfig(**checkpoint["config"])
-        # a resumed run keeps its saved settings; only what the command line gives again (argv) overrides them
-        cfg = parse_config(argv, {**asdict(saved), "init_from": "resume"})
-    check_config(cfg)
-
-    # ---- processes, device, precision
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout_s))
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        if device_type == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-    master = rank == 0
-    for key, batch in (("gradient_accumulation_steps", cfg.batch_size),
-                       ("embedding_gradient_accumulation_steps", cfg.embedding_batch_size or cfg.batch_size)):
-        value = getattr(cfg, key)
-        if value >= world_size and value % world_size:
-            raise UserError(f"{key}={value} is not divisible by the {world_size} processes (it counts micro-batches "
-                            "per optimizer step over all processes; fewer than the processes means one each)")
-        if 0 < value < world_size and master and (key == "gradient_accumulation_steps" or cfg.embedding_tuning_frac):
-            print(f"{key}={value} is fewer than the {world_size} processes: each runs one micro-batch per optimizer "
-                  f"step, {world_size} x {batch} sequences")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed + rank)
+    state = TrainState.from_checkpoint(checkpoint) if checkpoint else TrainState()
 
     # ---- data and the plan (a finished run stops here)
     meta = load_meta(cfg.data_dir)
-    train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rank,
-                        world_size)
-    val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rank, world_size)
-    phases = plan_phases(cfg, train_data.n_blocks, world_size)
+    train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rt.rank,
+                        rt.world_size)
+    val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rt.rank,
+                      rt.world_size)
+    phases = plan_phases(cfg, train_data.n_blocks, rt.world_size)
     total_steps = phases[-1].start + phases[-1].steps
-    step = checkpoint["step"] if resume else 0
-    summary_path = os.path.join(cfg.out_dir, "summary.json")
-    if resume and step >= total_steps and not cfg.eval_only and finished(summary_path, step):
-        if master:
-            print(f"nothing to do: {cfg.out_dir} finished at step {step} (raise max_iters, max_tokens or epochs to "
-                  "train on)")
-        if ddp:
+    if checkpoint and state.step >= total_steps and not cfg.eval_only and \
+            finished(os.path.join(cfg.out_dir, "summary.json"), state.step):
+        if rt.master:
+            print(f"nothing to do: {cfg.out_dir} finished at step {state.step} (raise max_iters, max_tokens or epochs "
+                  "to train on)")
+        if rt.ddp:
             dist.destroy_process_group()
         return
 
-    # ---- model
-    if resume:
-        model_config = GPTConfig(**checkpoint["model_config"])
-        tokenizer_dir = checkpoint["tokenizer_dir"]
-        if tokenizer_dir and cfg.export_hf:
-            check_export_tokenizer(tokenizer_dir, f"{ckpt_path}: tokenizer_dir")
-        raw_model = GPT(model_config)
-        raw_model.load_state_dict(checkpoint["model"])
-        model_source = f"{ckpt_path} (from {checkpoint['config']['init_from']})"
-    elif cfg.init_from == "scratch":
-        tokenizer_file = meta.get("tokenizer_file")  # relative to the data directory, or absolute
-        tokenizer_dir = os.path.join(cfg.data_dir, tokenizer_file) if tokenizer_file else ""
-        if tokenizer_dir and cfg.export_hf:
-            check_export_tokenizer(tokenizer_dir, f"{os.path.join(cfg.data_dir, 'meta.json')}: tokenizer_file")
-        vocab_size = cfg.vocab_size or -(-meta["vocab_size"] // 128) * 128
-        model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                 intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
-                                 block_size=cfg.block_size, bos_token_id=meta["eos_token_id"],
-                                 eos_token_id=meta["eos_token_id"])
-        raw_model = GPT(model_config)
-        model_source = "scratch"
-    else:
-        tokenizer_dir = resolve_model_dir(cfg.init_from, cfg.init_revision or None)
-        raw_model = GPT.from_pretrained(tokenizer_dir)
-        model_config = raw_model.config
-        model_source = cfg.init_from
-        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-            raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data "
-                            "was tokenized with the model's tokenizer")
-        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), model_source, cfg.data_dir)
-    if meta["vocab_size"] > model_config.vocab_size:
-        raise UserError(f"{cfg.data_dir}: vocabulary of {meta['vocab_size']} tokens, but the model "
-                        f"{model_source} has only {model_config.vocab_size} embedding rows")
-    if cfg.block_size > model_config.block_size:
-        raise UserError(f"block_size={cfg.block_size} exceeds the model's max_position_embeddings "
-                        f"{model_config.block_size}")
-    raw_model.to(device)
-
-    optimizer = configure_optimizer(raw_model, cfg, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    tokens, pos, best_val, last_val, nonfinite, phase_stats = 0, 0, float("inf"), None, 0, {}
-    if resume:
-        tokens, pos = checkpoint["tokens"], checkpoint["pos"]
-        best_val = checkpoint.get("best_val_loss", best_val)
-        last_val = checkpoint.get("val_loss")  # the latest evaluation: at a finished run's last step, its final one
-        nonfinite = checkpoint.get("nonfinite_steps", 0)
-        phase_stats = checkpoint.get("phase_stats", {})  # so that summary.json covers the whole run
-        set_trainable(raw_model, phase_at(phases, step), cfg)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if master:  # the other ranks keep their seed + rank streams (nothing in training draws from them)
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            if device_type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    # ---- the model, its optimizer and the output directory
+    raw_model, tokenizer_dir, model_source = build_model(cfg, meta, checkpoint, ckpt_path)
+    raw_model.to(rt.device)
+    optimizer = configure_optimizer(raw_model, cfg, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
+    phase = phase_at(phases, state.step)
+    if checkpoint:
+        restore_training(checkpoint, raw_model, optimizer, scaler, phase, cfg, rt)
     del checkpoint
-
-    phase = phase_at(phases, step)
     set_trainable(raw_model, phase, cfg)
-    model = wrap(raw_model, cfg, ddp, local_rank, device_type)
-    eval_model = model.module if ddp else model  # no DDP collectives during evaluation
+    model = wrap(raw_model, cfg, rt.ddp, rt.local_rank, rt.device_type)
+    if rt.master:
+        start_out_dir(cfg, rt, raw_model, model_source, phases, train_data.n_blocks)
+    metrics = MetricsLog(cfg, rt.master, resume_step=state.step if cfg.init_from == "resume" else None)
 
-    # ---- measuring
-    peak = cfg.device_peak_flops or (peak_flops(torch.cuda.get_device_name(device), dtype)
-                                     if device_type == "cuda" else 0.0)
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        for f in os.listdir(cfg.out_dir):  # temp files and directories of a write that was killed
-            if f.startswith(".tmp-"):
-                tmp = os.path.join(cfg.out_dir, f)
-                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
-        write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
-        print(f"{model_source}: {raw_model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
-              f"{world_size} process(es) on {device}, {dtype}; {train_data.n_blocks} train blocks of {cfg.block_size}")
-        for p in phases:
-            print(f"  {p.name} phase: steps {p.start}..{p.start + p.steps - 1}, batch {p.batch_size} x accum "
-                  f"{p.grad_accum} x {cfg.block_size} tokens, peak lr {p.peak_lr:g}, warmup {p.warmup}, {p.schedule}")
-    wandb = None
-    if cfg.wandb_log and master:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    metrics_file = None
-    if master:  # a resumed run drops what the interrupted one logged after its checkpoint, and a line cut short
-        kept = []
-        if resume and os.path.isfile(metrics_path):
-            with open(metrics_path, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
-            for i, line in enumerate(lines):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if i == len(lines) - 1:  # the process was killed while writing it
-                        break
-                    raise UserError(f"{metrics_path}, line {i + 1}: not valid JSON") from None
-                if record["step"] <= step and "val_full_loss" not in record:  # the final pass comes again
-                    kept.append(line)
-        with atomic_path(metrics_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        metrics_file = open(metrics_path, "a", encoding="utf-8")
-
-    def log(record):
-        if master:
-            metrics_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-            metrics_file.flush()
-            if wandb:
-                wandb.log(record, step=record["step"])
-
-    def all_mean(value):
-        if not ddp:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.item() / world_size
-
-    def eval_blocks():
-        return min(val_data.n_blocks, cfg.eval_iters * cfg.batch_size * world_size)
-
-    @torch.no_grad()
-    def evaluate(full=False):
-        """Mean validation loss: the first eval_iters batches (the same every time) or the whole file, on all
-        ranks, token-weighted and summed across them."""
-        eval_model.eval()
-        B = cfg.batch_size
-        n = val_data.n_blocks if full else eval_blocks()
-        nll = torch.zeros(2, dtype=torch.float64, device=device)
-        for start in range(0, n, B * world_size):
-            x, y = check_ids(val_data.batch(start, B), val_data.path, model_config.vocab_size)
-            keep = (start + rank * B + torch.arange(B) < n).to(device)  # the last global batch may be partial
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                logits, _ = eval_model(x)
-            loss = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(1)
-            nll[0] += loss[keep].sum()
-            nll[1] += keep.sum() * cfg.block_size
-        if ddp:
-            dist.all_reduce(nll)
-        eval_model.train()
-        return (nll[0] / nll[1]).item()
-
-    def ranks_identical(model):
-        """Every parameter equal on every rank (per-parameter sums compared exactly)."""
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-        lo, hi = sums.clone(), sums.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        return torch.equal(lo, hi)
-
-    def save_checkpoint():
-        if master:
-            rng = {"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "model_config": asdict(model_config),
-                     "tokenizer_dir": tokenizer_dir, "config": asdict(cfg),
-                     "step": step, "phase": phase.name, "tokens": tokens, "pos": pos, "best_val_loss": best_val,
-                     "val_loss": last_val, "nonfinite_steps": nonfinite, "phase_stats": phase_stats, "rng": rng}
-            with atomic_path(ckpt_path) as tmp:
-                with open(tmp, "wb") as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-        if ddp:
-            dist.barrier()
-
-    # ---- stop requests: finish the step, checkpoint, exit (all ranks together)
-    def should_stop():
-        flag = float(bool(stop.received))
-        if ddp:
-            t = torch.tensor([flag], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = t.item()
-        return flag > 0
-
-    if cfg.eval_only or (cfg.eval_at_start and not resume):
-        val = evaluate(full=cfg.eval_only)
-        log({"step": step, "phase": phase.name, "tokens": tokens, "val_loss": val, "val_ppl": perplexity(val)})
-        if master:
-            print(f"step {step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
+    if cfg.eval_only or (cfg.eval_at_start and cfg.init_from != "resume"):
+        n = val_data.n_blocks if cfg.eval_only else eval_blocks(cfg, val_data, rt.world_size)
+        val = evaluate(unwrapped(model, rt), val_data, n, raw_model.config.vocab_size, cfg, rt)
+        metrics.log({"step": state.step, "phase": phase.name, "tokens": state.tokens, "val_loss": val,
+                     "val_ppl": exp(val)})
+        if rt.master:
+            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.2f}")
         if cfg.eval_only:
             return
 
-    # ---- the loop
+    model = train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data, state, metrics, stop, cfg,
+                       rt, ckpt_path, tokenizer_dir)
+    finish(unwrapped(model, rt), raw_model, val_data, state, phases[-1], metrics, cfg, rt, tokenizer_dir)
+
+
+def start_out_dir(cfg, rt, raw_model, model_source, phases, n_blocks):
+    """out_dir without the temp files of a write that was killed, its config.json, and the plan on stdout."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for f in os.listdir(cfg.out_dir):
+        if f.startswith(".tmp-"):
+            tmp = os.path.join(cfg.out_dir, f)
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+    write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+    print(f"{model_source}: {raw_model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
+          f"{rt.world_size} process(es) on {rt.device}, {rt.dtype}; {n_blocks} train blocks of {cfg.block_size}")
+    for p in phases:
+        print(f"  {p.name} phase: steps {p.start}..{p.start + p.steps - 1}, batch {p.batch_size} x accum "
+              f"{p.grad_accum} x {cfg.block_size} tokens, peak lr {p.peak_lr:g}, warmup {p.warmup}, {p.schedule}")
+
+
+def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data, state, metrics, stop, cfg, rt,
+               ckpt_path, tokenizer_dir):
+    """The optimizer steps from state.step to the end of the last phase: the switch exactly at a phase boundary, an
+    evaluation and a checkpoint every eval_interval steps, a stop request honoured at the next step boundary (with a
+    checkpoint). Returns the model (rebuilt at a switch)."""
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step", mininterval=1.0)
+
+    total_steps = phases[-1].start + phases[-1].steps
+    vocab_size = raw_model.config.vocab_size
+    peak = cfg.device_peak_flops or (peak_flops(torch.cuda.get_device_name(rt.device), rt.dtype)
+                                     if rt.device_type == "cuda" else 0.0)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not rt.master, dynamic_ncols=True, unit="step",
+               mininterval=1.0)
+    phase = phase_at(phases, state.step)
     verify_grads = False
     first_step = True  # the first step after the model was (re)built: compile, allocator warm-up
     stop.deferred = True  # from here a signal stops the run at the next step boundary, with a checkpoint
-    while step < total_steps:
-        if step >= phase.start + phase.steps:  # the switch, exactly at the boundary
-            phase = phase_at(phases, step)
+    while state.step < total_steps:
+        if state.step >= phase.start + phase.steps:  # the switch, exactly at the boundary
+            phase = phase_at(phases, state.step)
             set_trainable(raw_model, phase, cfg)
-            model = wrap(raw_model, cfg, ddp, local_rank, device_type)
-            eval_model = model.module if ddp else model
+            model = wrap(raw_model, cfg, rt.ddp, rt.local_rank, rt.device_type)
             verify_grads = first_step = True
-            if device_type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        lr = phase.lr(step, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+            if rt.device_type == "cuda":
+                torch.cuda.reset_peak_memory_stats(rt.device)
+        lr = phase.lr(state.step, cfg.min_lr)
         t0 = time.time()
-        accum = phase.grad_accum // world_size
-        batches = [check_ids(train_data.batch(pos + i * phase.batch_size * world_size, phase.batch_size),
-                             train_data.path, model_config.vocab_size) for i in range(accum)]
-        pos += accum * phase.batch_size * world_size
-        loss_value = all_mean(forward_backward(model, batches, autocast, scaler, ddp, device).item())
-        step_tokens = phase.batch_size * phase.grad_accum * cfg.block_size
-        skipped = not math.isfinite(loss_value)
-        if skipped:  # only the update is skipped: the step counts, evaluates and checkpoints like any other
-            nonfinite += 1
-            optimizer.zero_grad(set_to_none=True)
-            if nonfinite > cfg.max_nonfinite_steps:
-                raise UserError(f"non-finite training loss ({loss_value}) at step {step + 1}; the last good "
-                                f"checkpoint is {ckpt_path}" + ("" if os.path.isfile(ckpt_path) else " (none yet)")
-                                + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
-            if master:
-                tqdm.write(f"step {step + 1}: non-finite loss, step skipped ({nonfinite}/{cfg.max_nonfinite_steps})")
+        batches = next_batches(train_data, state, phase, rt, vocab_size)
+        loss = train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads)
+        if not math.isfinite(loss):  # only the update is skipped: the step counts, evaluates, checkpoints
+            count_nonfinite(state, loss, cfg, rt, ckpt_path)
         else:
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None],
-                                               cfg.grad_clip)
-            if verify_grads:  # the first step after the switch: every parameter trains, ranks agree
-                missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
-                assert not missing, f"no gradients after the phase switch for {missing[:3]}"
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if verify_grads and ddp:
-                assert ranks_identical(raw_model), "ranks diverged after the phase switch"
             verify_grads = False
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
         dt = time.time() - t0
-        step += 1
-        tokens += step_tokens
+        step_tokens = phase.batch_size * phase.grad_accum * cfg.block_size
+        state.step += 1
+        state.tokens += step_tokens
         tok_s = step_tokens / dt
-        record = {"step": step, "phase": phase.name, "tokens": tokens, "lr": lr, "loss": loss_value, "dt_s": dt,
-                  "tokens_per_s": tok_s}
-        if skipped:
-            record.update(loss=None, skipped=True)
-        if peak:
-            record["mfu"] = raw_model.flops_per_token(cfg.block_size) * tok_s / world_size / peak
-        if device_type == "cuda":
-            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        stats = phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0, "first_steps": 0,
-                                                    "first_steps_seconds": 0.0})
-        stats["steps"] += 1
-        stats["tokens"] += step_tokens
-        stats["seconds"] += dt
-        if first_step:  # reported apart, and left out of the phase's tokens/s
-            stats["first_steps"] += 1
-            stats["first_steps_seconds"] += dt
-            first_step = False
-        if "peak_mem_mb" in record:
-            stats["peak_mem_mb"] = record["peak_mem_mb"]
-        evaluating = step % cfg.eval_interval == 0 or step == total_steps
+        record = step_record(state, phase, lr, loss, dt, tok_s, peak, raw_model, cfg, rt)
+        record_phase_stats(state.phase_stats, phase, step_tokens, dt, first_step, record)
+        first_step = False
+        evaluating = state.step % cfg.eval_interval == 0 or state.step == total_steps
         if evaluating:
-            last_val = evaluate()
-            best_val = min(best_val, last_val)
-            record.update(val_loss=last_val, val_ppl=perplexity(last_val))
-            if master:
-                tqdm.write(f"step {step} ({phase.name}): train loss {loss_value:.4f}, val loss {last_val:.4f}, "
-                           f"ppl {perplexity(last_val):.2f}")
-        log(record)
+            state.val_loss = evaluate(unwrapped(model, rt), val_data, eval_blocks(cfg, val_data, rt.world_size),
+                                      vocab_size, cfg, rt)
+            state.best_val_loss = min(state.best_val_loss, state.val_loss)
+            record.update(val_loss=state.val_loss, val_ppl=exp(state.val_loss))
+            if rt.master:
+                tqdm.write(f"step {state.step} ({phase.name}): train loss {loss:.4f}, val loss {state.val_loss:.4f}, "
+                           f"ppl {exp(state.val_loss):.2f}")
+        metrics.log(record)
         bar.update(1)
-        bar.set_postfix(phase=phase.name, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(phase=phase.name, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if evaluating:
-            save_checkpoint()
-        if should_stop():
+            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir, phase, state, rt)
+        if should_stop(stop, rt):
             if not evaluating:
-                save_checkpoint()
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir, phase, state, rt)
             bar.close()
-            signum = stop.received[0] if stop.received else signal.SIGTERM
-            if master:
-                print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path}; continue "
-                      f"with init_from=resume", file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(128 + signum)
+            exit_stopped(stop, state.step, ckpt_path, rt)
     bar.close()
     stop.deferred = False  # the end: a signal stops the run at once (the last step's checkpoint is complete)
     if stop.received:
         raise Stop(stop.received[0])
+    return model
 
-    # ---- the end: the whole validation set, the HF export, then summary.json (written last: the run is complete)
-    full = last_val if last_val is not None and eval_blocks() == val_data.n_blocks else evaluate(full=True)
-    log({"step": step, "phase": phase.name, "tokens": tokens, "val_full_loss": full, "val_full_ppl": perplexity(full)})
-    identical = ranks_identical(raw_model) if ddp else None
-    if master:
-        print(f"step {step}: whole validation set loss {full:.4f}, ppl {perplexity(full):.2f}")
+
+def exit_stopped(stop, step, ckpt_path, rt):
+    signum = stop.received[0] if stop.received else signal.SIGTERM
+    if rt.master:
+        print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path}; continue "
+              f"with init_from=resume", file=sys.stderr)
+    if rt.ddp:
+        dist.destroy_process_group()
+    sys.exit(128 + signum)
+
+
+def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, tokenizer_dir):
+    """The whole validation set, the HF export, then summary.json (written last: the run is complete)."""
+    if state.val_loss is not None and eval_blocks(cfg, val_data, rt.world_size) == val_data.n_blocks:
+        full = state.val_loss
+    else:
+        full = evaluate(eval_model, val_data, val_data.n_blocks, raw_model.config.vocab_size, cfg, rt)
+    metrics.log({"step": state.step, "phase": phase.name, "tokens": state.tokens, "val_full_loss": full,
+                 "val_full_ppl": exp(full)})
+    identical = ranks_identical(raw_model) if rt.ddp else None
+    if rt.master:
+        print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.2f}")
         assert identical is not False, "DDP ranks ended with different weights"
         if cfg.export_hf:
             hf_dir = os.path.join(cfg.out_dir, "hf")
             export_hf(raw_model, tokenizer_dir, hf_dir)
             print(f"exported {hf_dir}")
-        for s in phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
+        for s in state.phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
             timed, seconds = s["steps"] - s["first_steps"], s["seconds"] - s["first_steps_seconds"]
             s["tokens_per_s"] = s["tokens"] / s["steps"] * timed / seconds if timed and seconds > 0 else None
-        summary = {"steps": step, "tokens": tokens, "best_val_loss": best_val, "final_val_loss": last_val,
-                   "final_val_full_loss": full, "phases": phase_stats, "world_size": world_size,
-                   "ddp_ranks_identical": identical,
+        summary = {"steps": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
+                   "final_val_loss": state.val_loss, "final_val_full_loss": full, "phases": state.phase_stats,
+                   "world_size": rt.world_size, "ddp_ranks_identical": identical,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        write_json(summary_path, summary)
-    if ddp:
+        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    if rt.ddp:
         dist.destroy_process_group()
 
 

@@ -7,18 +7,13 @@ and --key=value included, is train.py's.
     python train_variable_bs.py config/oscar_de_variable_batch_size.py
 """
 
-import train
-from model import run_cli
+import os
 
-VARIABLE_BATCH_DEFAULTS = dict(
-    phase_unit="tokens",
-    embedding_tuning_frac=0.1,
-    embedding_batch_size=1,
-    embedding_gradient_accumulation_steps=1,
-    warmup_relative_to="phase",
-    embedding_warmup_frac=0.1,
-    warmup_frac=0.1,
-)
+import train
+from common import run_cli
+
+VARIABLE_BATCH_DEFAULTS = train.read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
+                                                               "variable_batch_size.py"))
 
 if __name__ == "__main__":
     run_cli(lambda argv: train.main(argv, defaults=VARIABLE_BATCH_DEFAULTS))

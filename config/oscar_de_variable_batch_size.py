@@ -4,13 +4,7 @@
 import os
 
 exec(open(os.path.join(os.path.dirname(__file__), "oscar_de_embedding_tuning.py")).read())
+exec(open(os.path.join(os.path.dirname(__file__), "variable_batch_size.py")).read())
 out_dir = "out/oscar_de_variable_batch_size"
-phase_unit = "tokens"
-embedding_tuning_frac = 0.1
-embedding_batch_size = 1
-embedding_gradient_accumulation_steps = 1
 batch_size = 16
 gradient_accumulation_steps = 4
-warmup_relative_to = "phase"
-embedding_warmup_frac = 0.1
-warmup_frac = 0.1

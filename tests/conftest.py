@@ -102,7 +102,8 @@ TINY_TRAIN = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_step
 def corpus(eltec_tokenizers, tmp_path_factory):
     """German token files (tokenizer: the small ELTeC BPE) and a tiny GPT-NeoX init directory with that tokenizer."""
     import data
-    from model import GPT, GPTConfig, save_tokenizer
+    from common import save_tokenizer
+    from model import GPT, GPTConfig
 
     root = tmp_path_factory.mktemp("train")
     tok = eltec_tokenizers["deu"]

@@ -11,7 +11,8 @@ import torch
 from conftest import hf_neox, make_hub_cache, run_py
 
 from clp import apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax
-from model import GPT, UserError, load_tokenizer, save_tokenizer, sha256_file
+from common import UserError, load_tokenizer, save_tokenizer, sha256_file
+from model import GPT
 
 # -----------------------------------------------------------------------------
 # the formula on raw tensors

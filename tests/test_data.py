@@ -13,7 +13,7 @@ import pytest
 from conftest import ELTEC, make_hub_cache, run_py
 
 import data
-from model import UserError, sha256_file, tokenizer_sha256
+from common import UserError, sha256_file, tokenizer_sha256
 
 MiB = 2**20
 

@@ -11,7 +11,8 @@ import torch
 from conftest import TESTDATA, eltec_texts, hf_neox, run_py
 
 import eval as ev
-from model import GPT, UserError, load_tokenizer, save_tokenizer
+from common import UserError, load_tokenizer, save_tokenizer
+from model import GPT
 
 BLOCK = 32  # max_position_embeddings of the tiny model: ELTeC paragraphs are many windows long
 EOT = 0  # <|endoftext|> of the ELTeC tokenizers
@@ -344,7 +345,7 @@ def test_missing_relative_ppl_file(tiny, tmp_path, monkeypatch, no_model):
 
 def test_a_diverged_model_has_infinite_perplexity_written_as_null(tmp_path):
     from eval import perplexity_metrics
-    from model import read_json, write_json
+    from common import read_json, write_json
 
     m = perplexity_metrics(nll=1e6, tokens=1000, words=100, n_bytes=5000)
     assert m["word_perplexity"] == m["token_perplexity"] == float("inf") and m["bits_per_byte"] > 0

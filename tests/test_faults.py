@@ -16,9 +16,10 @@ from conftest import ROOT, metrics, run_py, train_args, weights
 
 import data
 import train
-from model import GPT, UserError
+from common import UserError
+from model import GPT
 
-RUN = "import sys; import train; from model import run_cli; run_cli(train.main, sys.argv[1:])"
+RUN = "import sys; import train; from common import run_cli; run_cli(train.main, sys.argv[1:])"
 
 
 def spawn(argv, prelude="", env=None):

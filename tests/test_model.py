@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import hf_neox, make_hub_cache, run_py
 
-from model import GPT, GPTConfig, UserError
+from common import UserError
+from model import GPT, GPTConfig
 
 
 def compare(ours, ref, vocab_size, T=37, B=3, seed=1):
@@ -145,7 +146,7 @@ def test_hub_path_offline(tmp_path, tiny_hf_dir):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     r = run_py(["-c", code], env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
-    r = run_py(["-c", "from model import GPT, run_cli; run_cli(lambda a: GPT.from_pretrained('EleutherAI/nope'))"],
+    r = run_py(["-c", "from common import run_cli; from model import GPT; run_cli(lambda a: GPT.from_pretrained('EleutherAI/nope'))"],
                env=env)
     assert r.returncode == 1 and "EleutherAI/nope" in r.stderr and "Traceback" not in r.stderr
 

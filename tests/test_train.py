@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import data
 import train
-from model import GPT, GPTConfig, UserError, save_tokenizer
+from common import UserError, save_tokenizer
+from model import GPT, GPTConfig
 
 
 def test_loss_falls(corpus, tmp_path):
