@@ -1,5 +1,5 @@
 """make demo DEMO=quick, end to end on the real ELTeC novels: data, source and helper, CLP, six German variants,
-evaluation, report and plot; a rerun finds every stage cached."""
+evaluation, report and plot; a rerun finds every stage cached; DEMO=init-quick adds the other initialisations."""
 
 import json
 
@@ -31,6 +31,22 @@ def test_quick_demo_end_to_end(tmp_path):
     again = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env={"ELTEC_DIR": ELTEC})
     assert again.returncode == 0 and ": running" not in again.stdout, again.stdout
     assert again.stdout.count(": cached") == 16
+
+    # DEMO=init at the quick size, in the same directory: the runs it shares with the demo are not trained again;
+    # mean, FVT and CLP+ are
+    init = run_py(["demo.py", "--mode", "init-quick", "--out", str(tmp_path)], env={"ELTEC_DIR": ELTEC}, timeout=900)
+    assert init.returncode == 0, init.stdout[-3000:] + init.stderr[-3000:]
+    assert sorted(line for line in init.stdout.splitlines() if ": running" in line) == sorted(
+        ["== FVT initialisation (--method fvt): running", "== CLP+ initialisation (--weighting sparsemax): running",
+         "== mean initialisation (--method mean): running", "== train mean: running", "== train fvt: running",
+         "== train clp_plus: running"])
+    table = (tmp_path / "report-init.md").read_text()
+    for _, label, *_ in demo.INIT_VARIANTS:
+        assert f"| {label} |" in table
+    assert "FVT: the source tokenizer splits" in table and (tmp_path / "ppl_curves-init.png").stat().st_size > 10_000
+    assert (tmp_path / "report.md").read_text() == report  # the demo's own report stays
+    fvt = json.loads((tmp_path / "init-fvt" / "clp_report.json").read_text())
+    assert fvt["method"] == "fvt" and sum(fvt["fvt"]["pieces_histogram"].values()) == fvt["new_tokens"]
 
 
 def test_tokens_to_reach():
