@@ -196,9 +196,10 @@ def byte_level_alphabet():
 
 def fvt_pieces(target_tokens, source_tok, byte_level=True, added=()):
     """Fast Vocabulary Transfer's split (Gee et al. 2022): each target token's text as the source tokenizer encodes
-    it. A byte-level token is decoded to its bytes first (an added token is its text as it is); bytes that are no
-    valid UTF-8 on their own (a piece of a character) map byte by byte to the source's byte tokens; a byte no UTF-8
-    text has (0xC0, 0xC1, 0xF5-0xFF) may have none, and is left out. Returns (a list of source-id lists, empty for a
+    it. A byte-level token is decoded to its bytes first (an added token, and any token of a tokenizer that is not
+    byte-level, is its string as it is: a SentencePiece '▁' stays); bytes that are no valid UTF-8 on their own (a
+    piece of a character) map byte by byte to the source's byte tokens; a byte no UTF-8 text has (0xC0, 0xC1,
+    0xF5-0xFF) may have none, and is left out. Returns (a list of source-id lists, empty for a
     token none of whose bytes the source has; the number of tokens split byte by byte)."""
     alphabet, added = byte_level_alphabet(), set(added)
     raw = [t.encode() if t in added or not byte_level or not set(t) <= alphabet.keys()
@@ -397,12 +398,11 @@ def check_method(method, helper_model, helper_tokenizer, target_tokenizer, rando
     if method != "clp" and not (helper_model or helper_tokenizer or target_tokenizer):
         raise UserError(f"--method {method} needs the target tokenizer: --target_tokenizer (a tokenizer.json or a "
                         "directory) or --helper_model_name_or_path")
-    for flag, given, allowed in (("--random_init", random_init, ("clp",)),
-                                 ("--weighting", weighting != "dense", ("clp",)),
-                                 ("--extrapolation_fallback", extrapolation_fallback, ("clp",)),
-                                 ("--mean_sample", mean_sample, ("mean",))):
-        if given and method not in allowed:
-            raise UserError(f"{flag} does not apply to --method {method} (only to --method {allowed[0]})")
+    for flag, given, only in (("--random_init", random_init, "clp"), ("--weighting", weighting != "dense", "clp"),
+                              ("--extrapolation_fallback", extrapolation_fallback, "clp"),
+                              ("--mean_sample", mean_sample, "mean")):
+        if given and method != only:
+            raise UserError(f"{flag} does not apply to --method {method} (only to --method {only})")
 
 
 def target_model(source, embed_in, embed_out, **config):
