@@ -5,7 +5,7 @@
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
 #   make train     train.py $(CONFIG) (after init and data); NPROC=8 runs it under torchrun
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
-#   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute)
+#   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute; DEMO=init: the initialisations compared)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv

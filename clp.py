@@ -45,6 +45,7 @@ from common import (UserError, atomic_dir, check_device, load_tokenizer, read_js
                     resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 from model import GPT, read_weights, weight_files
 
+METHODS = ("clp", "fvt", "mean")
 WEIGHTINGS = ("dense", "topk", "sparsemax")
 OUTPUT_EMBEDDINGS = ("clp", "source_by_id", "random")
 RANDOM_INIT_METHODS = ("small_init", "normal", "xavier")
@@ -182,6 +183,112 @@ def random_embeddings(num_rows, like, method="small_init", seed=42):
 
 
 # -----------------------------------------------------------------------------
+# FVT and mean: initialisations that need no helper model, only the target tokenizer
+
+
+def byte_level_alphabet():
+    """{character: byte} of GPT-2's byte-level BPE, which writes each byte as one printable character (the
+    printable Latin-1 bytes as themselves, the others as chr(256 + n) in byte order)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(c): b for c, b in zip(printable + [256 + n for n in range(len(others))], printable + others)}
+
+
+def fvt_pieces(target_tokens, source_tok, byte_level=True, added=()):
+    """Fast Vocabulary Transfer's split (Gee et al. 2022): each target token's text as the source tokenizer encodes
+    it. A byte-level token is decoded to its bytes first (an added token, and any token of a tokenizer that is not
+    byte-level, is its string as it is: a SentencePiece '▁' stays); bytes that are no valid UTF-8 on their own (a
+    piece of a character) map byte by byte to the source's byte tokens; a byte no UTF-8 text has (0xC0, 0xC1,
+    0xF5-0xFF) may have none, and is left out. Returns (a list of source-id lists, empty for a
+    token none of whose bytes the source has; the number of tokens split byte by byte)."""
+    alphabet, added = byte_level_alphabet(), set(added)
+    raw = [t.encode() if t in added or not byte_level or not set(t) <= alphabet.keys()
+           else bytes(alphabet[c] for c in t) for t in target_tokens]
+    texts = {}
+    for i, b in enumerate(raw):
+        try:
+            texts[i] = b.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    encoded = source_tok.encode_batch(list(texts.values()), add_special_tokens=False)
+    pieces = dict(zip(texts, (e.ids for e in encoded)))
+    by_bytes = [i for i in range(len(raw)) if not pieces.get(i)]  # not UTF-8, or encoded to nothing
+    if by_bytes:
+        source_vocab = source_tok.get_vocab(with_added_tokens=True)
+        to_char = {b: c for c, b in alphabet.items()}
+        byte_ids = [source_vocab.get(to_char[b], source_vocab.get(f"<0x{b:02X}>")) for b in range(256)]
+        for i in by_bytes:
+            pieces[i] = [byte_ids[b] for b in raw[i] if byte_ids[b] is not None]
+    return [pieces[i] for i in range(len(raw))], len(by_bytes)
+
+
+def fvt_embeddings(source_emb, pieces, device="cpu"):
+    """FVT on raw matrices: new row i is the mean of the source rows pieces[i] (source ids, a repeated piece counted
+    each time; no pieces: a zero row). source_emb: one (V_src, d) matrix or a list of them. One sparse
+    (new x V_src) averaging matrix, one product per matrix, in fp32 on `device`; returns (n_new, d) rows in each
+    source's dtype."""
+    single = torch.is_tensor(source_emb)
+    sources = [source_emb] if single else list(source_emb)
+    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
+    cols = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
+    dev = torch.device(device)
+    average = torch.sparse_coo_tensor(torch.stack([rows, cols]), 1.0 / lengths[rows].float(),
+                                      (len(pieces), sources[0].shape[0]), check_invariants=True).coalesce().to(dev)
+    outs = [(average @ E.to(dev, torch.float32)).to("cpu", E.dtype) for E in sources]
+    return outs[0] if single else outs
+
+
+def mean_embeddings(source_emb, n_new, sample=False, seed=42):
+    """n_new rows: the mean of the source rows (transformers' default when a vocabulary grows), or with `sample`
+    drawn from the normal with their mean and covariance (Hewitt 2021), seeded. Returns (n_new, d), source dtype."""
+    rows = source_emb.double()
+    mean = rows.mean(0)
+    if not sample:
+        return mean.expand(n_new, -1).to(source_emb.dtype)
+    centred = rows - mean
+    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / len(rows))  # covariance = V diag(l) V^T, PSD
+    root = eigvecs * eigvals.clamp_min(0).sqrt()  # root @ root.T = covariance, also when it is singular
+    z = torch.randn(n_new, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (mean + z @ root.T).to(source_emb.dtype)
+
+
+def init_without_helper(method, sources, source_tok, target_tok, shared_src, shared_target, new_ids, num_rows,
+                        source_token_ids, mean_sample=False, seed=42, device="cpu"):
+    """The target matrices for fvt or mean: shared rows copied, new rows by the method, rows no token has (padding)
+    the mean of the shared source rows (as clp_embeddings fills them), as do fvt's tokens with no source piece.
+    mean averages the rows of the source's tokens (source_token_ids: not its padding rows). Returns (matrices,
+    report entries)."""
+    id_to_token = {i: t for t, i in target_tok.get_vocab(with_added_tokens=True).items()}
+    if method == "fvt":
+        from tokenizers import decoders
+
+        tokens = [id_to_token[int(i)] for i in new_ids]
+        added = [t.content for t in target_tok.get_added_tokens_decoder().values()]
+        pieces, by_bytes = fvt_pieces(tokens, source_tok, isinstance(target_tok.decoder, decoders.ByteLevel), added)
+        counts = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+        new_rows = fvt_embeddings(sources, [p for p in pieces if p], device)
+        report = {"fvt": {"pieces_histogram": {str(k): int(n) for k, n in enumerate(counts.bincount()) if n},
+                          "mean_pieces": round(counts.float().mean().item(), 4) if len(counts) else None,
+                          "split_byte_by_byte": by_bytes,
+                          "no_source_piece": [t for t, n in zip(tokens, counts.tolist()) if n == 0]}}
+        new_ids = new_ids[counts > 0]
+    else:
+        new_rows = [mean_embeddings(E[source_token_ids], len(new_ids), mean_sample, seed + k)
+                    for k, E in enumerate(sources)]
+        report = {"mean_sample": mean_sample}
+    outs = []
+    for E, new in zip(sources, new_rows):
+        shared = E[shared_src]
+        out = torch.empty(num_rows, E.shape[1], dtype=E.dtype)
+        out[:] = shared.float().mean(0).to(E.dtype)
+        out[shared_target] = shared
+        out[new_ids] = new
+        outs.append(out)
+    return outs, report
+
+
+# -----------------------------------------------------------------------------
 # reading the helper and matching the vocabularies
 
 EMBEDDING_KEYS = ("transformer.wte.weight", "wte.weight", "gpt_neox.embed_in.weight", "model.embed_tokens.weight",
@@ -257,6 +364,27 @@ def check_target(path, override):
         raise UserError(f"{path}: the target directory is not empty (pass --override to replace it)")
 
 
+def check_method(method, helper_model, helper_tokenizer, target_tokenizer, random_init, weighting,
+                 extrapolation_fallback, mean_sample):
+    """The method's inputs and options, checked before any work: clp needs the helper model, fvt and mean only a
+    target tokenizer; each option belongs to one method."""
+    if method not in METHODS:
+        raise UserError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    if helper_tokenizer and target_tokenizer:
+        raise UserError("--target_tokenizer and --helper_tokenizer_name_or_path name the same tokenizer: give one")
+    if method == "clp" and not helper_model:
+        raise UserError("--method clp needs --helper_model_name_or_path (its embeddings weigh the shared tokens); "
+                        "--method fvt or mean need only --target_tokenizer")
+    if method != "clp" and not (helper_model or helper_tokenizer or target_tokenizer):
+        raise UserError(f"--method {method} needs the target tokenizer: --target_tokenizer (a tokenizer.json or a "
+                        "directory) or --helper_model_name_or_path")
+    for flag, given, only in (("--random_init", random_init, "clp"), ("--weighting", weighting != "dense", "clp"),
+                              ("--extrapolation_fallback", extrapolation_fallback, "clp"),
+                              ("--mean_sample", mean_sample, "mean")):
+        if given and method != only:
+            raise UserError(f"{flag} does not apply to --method {method} (only to --method {only})")
+
+
 def target_model(source, embed_in, embed_out, **config):
     """The source's body with new embeddings (embed_out None: tied) and config changes, e.g. bos/eos token ids."""
     config = dataclasses.replace(source.config, vocab_size=embed_in.shape[0], **config)
@@ -284,15 +412,21 @@ def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, repor
         write_json(os.path.join(tmp, "clp_report.json"), report)
 
 
-def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model_path=None,
+def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_model_path=None,
               helper_tokenizer_name_or_path=None, seed=42, override=False, random_init=False,
               random_init_method="small_init", random_init_rows="all", output_embeddings=None, weighting="dense",
               top_k=10, pad_to_multiple_of=128, chunk_size=1024, device="cpu", source_revision=None,
-              helper_revision=None, extrapolation_fallback=False):
+              helper_revision=None, extrapolation_fallback=False, method="clp", target_tokenizer=None,
+              mean_sample=False):
     """CLP-Transfer from a HF-format GPT-NeoX source and any HF causal LM helper. Returns (embed_in, embed_out,
     report); embed_out is None when the source ties its head to the input matrix. With target_model_path, also
-    writes the target: an HF-format directory with the helper's tokenizer and clp_report.json."""
+    writes the target: an HF-format directory with the helper's tokenizer and clp_report.json.
+    method fvt or mean: the new rows by FVT or the source mean instead; these read only the target tokenizer
+    (target_tokenizer, or the helper's), no helper weights."""
     t0 = time.time()
+    check_method(method, helper_model_name_or_path, helper_tokenizer_name_or_path, target_tokenizer, random_init,
+                 weighting, extrapolation_fallback, mean_sample)
+    helper_tokenizer_name_or_path = helper_tokenizer_name_or_path or target_tokenizer
     if output_embeddings is None:
         output_embeddings = "random" if random_init else "clp"
     for name, value, allowed in (("output_embeddings", output_embeddings, OUTPUT_EMBEDDINGS),
@@ -311,8 +445,11 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     source_dir = resolve_model_dir(source_model_name_or_path, source_revision)
     source = GPT.from_pretrained(source_dir, dtype="auto")
     source_tok = load_tokenizer(source_dir)
-    helper_dir = resolve_model_dir(helper_model_name_or_path, helper_revision)
-    helper_emb, helper_key, helper_file = load_input_embeddings(helper_dir)
+    helper_dir = helper_emb = None
+    if method == "clp" or not helper_tokenizer_name_or_path:  # fvt and mean read the helper's tokenizer only
+        helper_dir = resolve_model_dir(helper_model_name_or_path, helper_revision, weights=method == "clp")
+    if method == "clp":
+        helper_emb, helper_key, helper_file = load_input_embeddings(helper_dir)
     tok_src = helper_tokenizer_name_or_path or helper_dir
     if not os.path.isfile(tok_src):  # a tokenizer.json file is used as it is
         tok_src = resolve_model_dir(tok_src, None if helper_tokenizer_name_or_path else helper_revision, weights=False)
@@ -323,7 +460,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     E_in, tied = source.gpt_neox.embed_in.weight.detach(), source.config.tie_word_embeddings
     E_out = None if tied else source.embed_out.weight.detach()
     n_tokens = max(helper_vocab.values()) + 1
-    if n_tokens > helper_emb.shape[0]:
+    if helper_emb is not None and n_tokens > helper_emb.shape[0]:
         raise UserError(f"{helper_file}: {helper_key} has {helper_emb.shape[0]} rows, but the helper tokenizer "
                         f"({tok_src}) has ids up to {n_tokens - 1}; tokenizer and model do not belong together")
     if max(source_vocab.values()) >= E_in.shape[0]:
@@ -341,14 +478,21 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     copy_src = torch.cat([shared_src, torch.tensor(list(copies.values()), dtype=torch.long)])
     num_rows = round_up(n_tokens, pad_to_multiple_of)
 
-    # CLP for the matrices it initialises (the weights computed once), random init or the study's head for the rest
+    # the method (CLP, FVT or mean) for the matrices it initialises (CLP's weights computed once), random init or
+    # the study's head for the rest
     clp_sources = ([] if random_init else [E_in]) + ([E_out] if not tied and output_embeddings == "clp" else [])
     fallback, extrapolated = missing[:0], torch.zeros(len(missing), dtype=torch.bool)
+    method_report = {}
     if clp_sources:
-        clp_out, fallback = clp_embeddings(clp_sources, helper_emb, shared_src, shared_helper, missing,
-                                           num_rows=num_rows, weighting=weighting, top_k=top_k,
-                                           chunk_size=chunk_size, device=device,
-                                           extrapolation_fallback=extrapolation_fallback)
+        if method == "clp":
+            clp_out, fallback = clp_embeddings(clp_sources, helper_emb, shared_src, shared_helper, missing,
+                                               num_rows=num_rows, weighting=weighting, top_k=top_k,
+                                               chunk_size=chunk_size, device=device,
+                                               extrapolation_fallback=extrapolation_fallback)
+        else:
+            clp_out, method_report = init_without_helper(method, clp_sources, source_tok, helper_tok, shared_src,
+                                                         shared_helper, missing, num_rows,
+                                                         sorted(source_vocab.values()), mean_sample, seed, device)
         for out, E in zip(clp_out, clp_sources):
             extrapolated |= out[missing].float().norm(dim=1) > longest_row(E[shared_src])
             out[copy_helper] = E[copy_src]  # adds the special tokens matched by role
@@ -373,12 +517,13 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
     id_to_token = {i: t for t, i in helper_vocab.items()}
     any_random = random_init or (not tied and output_embeddings == "random")
     report = {
-        "method": "random_init" if random_init else "clp",
+        "method": "random_init" if random_init else method, **method_report,
         "source": describe_input(source_model_name_or_path, source_revision, source_dir,
                                  weight_files(source_dir)),
         "source_tokenizer_sha256": tokenizer_sha256(source_dir),
-        "helper": {**describe_input(helper_model_name_or_path, helper_revision, helper_dir, [helper_file]),
-                   "embedding": helper_key, "embedding_shape": list(helper_emb.shape)},
+        "helper": None if helper_emb is None else {
+            **describe_input(helper_model_name_or_path, helper_revision, helper_dir, [helper_file]),
+            "embedding": helper_key, "embedding_shape": list(helper_emb.shape)},
         "helper_tokenizer": {"name_or_path": helper_tokenizer_name_or_path or helper_model_name_or_path,
                              "sha256": tokenizer_sha256(tok_src)},
         "source_vocab_size": len(source_vocab), "source_embedding_rows": E_in.shape[0],
@@ -386,7 +531,8 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path, target_model
         "padding_rows": num_rows - n_tokens, "unused_ids": n_tokens - len(helper_vocab),
         "shared_tokens": len(shared_src), "shared_fraction": round(len(shared_src) / len(helper_vocab), 6),
         "new_tokens": len(missing), "special_tokens": special_report,
-        "weighting": weighting, "top_k": top_k if weighting == "topk" else None,
+        "weighting": weighting if method == "clp" else None,
+        "top_k": top_k if weighting == "topk" and method == "clp" else None,
         "fallback_rows": len(fallback), "fallback_tokens": [id_to_token[int(i)] for i in fallback[:20]],
         "extrapolated_rows": int(extrapolated.sum()), "extrapolation_fallback": extrapolation_fallback,
         "output_embeddings": "tied" if tied else output_embeddings,
@@ -414,9 +560,22 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("apply_clp", help="build the target model directory")
     p.add_argument("--source_model_name_or_path", required=True, help="HF-format GPT-NeoX (directory or hub id)")
-    p.add_argument("--helper_model_name_or_path", required=True, help="any HF causal LM in the target language")
+    p.add_argument("--helper_model_name_or_path", default=None,
+                   help="any HF causal LM in the target language (needed by clp; fvt and mean read only its "
+                        "tokenizer)")
     p.add_argument("--target_model_path", required=True, help="output directory")
     p.add_argument("--helper_tokenizer_name_or_path", default=None, help="default: the helper model's tokenizer")
+    p.add_argument("--method", default="clp",
+                   help="clp (default): the paper's similarity-weighted average of the shared tokens' rows; fvt: "
+                        "each new token the mean of the source rows of the pieces the source tokenizer splits it "
+                        "into (Fast Vocabulary Transfer); mean: every new row the mean of the source rows. fvt "
+                        "and mean need no helper model, only the target tokenizer")
+    p.add_argument("--target_tokenizer", default=None,
+                   help="fvt and mean: the target tokenizer (tokenizer.json, a directory or a hub id) when there "
+                        "is no helper model")
+    p.add_argument("--mean_sample", action="store_true",
+                   help="mean: draw each new row from the normal with the source rows' mean and covariance "
+                        "(Hewitt 2021; seeded by --seed) instead of the plain mean")
     p.add_argument("--source_revision", default=None, help="hub revision of the source, e.g. step143000")
     p.add_argument("--helper_revision", default=None, help="hub revision of the helper")
     p.add_argument("--seed", type=int, default=42, help="seeds the random init (output head: seed + 1)")
@@ -430,7 +589,8 @@ def main(argv=None):
     p.add_argument("--random_init_rows", choices=("all", "missing"), default="all",
                    help="all (the study's) or only the rows that CLP would compute")
     p.add_argument("--output_embeddings", choices=OUTPUT_EMBEDDINGS, default=None,
-                   help="untied sources: clp (default) applies the same weights to the source's output rows; "
+                   help="untied sources: clp (default) applies the same method (clp weights, fvt pieces, mean) to "
+                        "the source's output rows; "
                         "source_by_id keeps source row i for token i (the study); random (default with "
                         "--random_init) uses the random init. Tied sources need nothing.")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="dense",

@@ -1,6 +1,8 @@
 """
 The whole study at toy scale, on a CPU, offline: `make demo` (about 20 minutes on 2 cores) or `make demo DEMO=quick`
-(about a minute, the test suite's end-to-end run).
+(about a minute, the test suite's end-to-end run). `make demo DEMO=init` (DEMO=init-quick: its small size) compares
+the initialisations instead: random, mean, FVT, CLP, CLP with the fallback and CLP+ (sparsemax), same budget; the runs
+it shares with `make demo` are trained once (same out directory), and it writes report-init.md and ppl_curves-init.png.
 
 1. data: English and German ELTeC novels (config/demo_eltec.tsv: files, sha256, public URLs at pinned commits; with
    ELTEC_DIR set, a local copy is read instead; --mode quick without it reads the slices of some of them vendored in
@@ -67,6 +69,25 @@ VARIANTS = [
     ("clp_et_vbs", "CLP (fallback) + embedding phase + variable batch size", "init-clp-guarded",
      "train_variable_bs.py", ["--embedding_tuning_frac=0.1", "--embedding_batch_size=2"]),
 ]
+# DEMO=init: every initialisation, plain training; from scratch is the yardstick
+INIT_VARIANTS = [v for v in VARIANTS if v[0] in ("scratch", "random")] + [
+    ("mean", "mean of the source rows", "init-mean", "train.py", []),
+    ("fvt", "FVT (mean of the source pieces)", "init-fvt", "train.py", []),
+] + [v for v in VARIANTS if v[0] in ("clp", "clp_guarded")] + [
+    ("clp_plus", "CLP+ (sparsemax)", "init-clp-plus", "train.py", []),
+]
+# the initial models: directory -> (stage, clp.apply_clp options); from scratch is scratch_init's
+INITS = {
+    "init-clp": ("CLP initialisation", {}),
+    "init-clp-guarded": ("CLP initialisation, --extrapolation_fallback", dict(extrapolation_fallback=True)),
+    "init-random": ("random-init baseline", dict(random_init=True)),
+    "init-mean": ("mean initialisation (--method mean)", dict(method="mean")),
+    "init-fvt": ("FVT initialisation (--method fvt)", dict(method="fvt")),
+    "init-clp-plus": ("CLP+ initialisation (--weighting sparsemax)", dict(weighting="sparsemax")),
+}
+# DEMO=init and init-quick: the sizes of default and quick, the other variants, their own report
+MODES["init"] = dict(MODES["default"], variants=INIT_VARIANTS, out="out/demo", suffix="-init")
+MODES["init-quick"] = dict(MODES["quick"], variants=INIT_VARIANTS, out="out/demo-quick", suffix="-init")
 
 
 def stage(name, done):
@@ -178,9 +199,9 @@ def tokens_to_reach(curve, target):
     return None
 
 
-def report(out, mode_name):
+def report(out, mode_name, variants=VARIANTS, suffix=""):
     rows, curves = [], {}
-    for name, label, init, _, _ in VARIANTS:
+    for name, label, init, _, _ in variants:
         run_dir = os.path.join(out, "runs", name)
         metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         curves[label] = [(m["tokens"], math.inf if m["val_ppl"] is None else m["val_ppl"]) for m in metrics
@@ -212,11 +233,13 @@ def report(out, mode_name):
     clp_report = read_json(os.path.join(out, "init-clp", "clp_report.json"))
     lines += ["", f"English source: {source['tokens']:,} tokens, final validation loss "
                   f"{source['final_val_full_loss']:.3f}; German helper: {helper['tokens']:,} tokens, "
-                  f"{helper['final_val_full_loss']:.3f}. CLP: {clp_report_summary(clp_report)}.",
-              f"Machine: {machine_line()}."]
-    write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+                  f"{helper['final_val_full_loss']:.3f}. CLP: {clp_report_summary(clp_report)}."]
+    if any(v[2] == "init-fvt" for v in variants):
+        lines.append(f"FVT: {fvt_report_summary(read_json(os.path.join(out, 'init-fvt', 'clp_report.json')))}.")
+    lines.append(f"Machine: {machine_line()}.")
+    write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(out, curves)
+    plot(out, curves, f"ppl_curves{suffix}.png")
 
 
 def big(x):
@@ -232,6 +255,12 @@ def clp_report_summary(r):
             "every shared source row (extrapolated; with --extrapolation_fallback they take the fallback too)")
 
 
+def fvt_report_summary(r):
+    hist = ", ".join(f"{n:,} into {k}" for k, n in r["fvt"]["pieces_histogram"].items())
+    return (f"the source tokenizer splits the {r['new_tokens']:,} new tokens into {r['fvt']['mean_pieces']:.2f} "
+            f"pieces on average ({hist}; {r['fvt']['split_byte_by_byte']:,} byte by byte)")
+
+
 def machine_line():
     m = machine()
     return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
@@ -242,8 +271,8 @@ def write_text(path, text):
         f.write(text)
 
 
-def plot(out, curves):
-    path = os.path.join(out, "ppl_curves.png")
+def plot(out, curves, name="ppl_curves.png"):
+    path = os.path.join(out, name)
     try:
         import matplotlib
     except ImportError:
@@ -280,13 +309,15 @@ def plot(out, curves):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=MODES, default="default")
-    p.add_argument("--out", help="output directory (default out/demo, out/demo-quick for --mode quick)")
+    p.add_argument("--out", help="output directory (default out/demo; out/demo-quick for --mode quick and init-quick)")
     p.add_argument("--eltec_dir", default=os.environ.get("ELTEC_DIR"),
                    help="a local copy of the ELTeC files (eng/ and deu/ folders; default $ELTEC_DIR); else download "
                         "them (--mode quick: read the slices vendored in tests/data/eltec)")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
-    out = os.path.abspath(args.out or ("out/demo" if args.mode == "default" else f"out/demo-{args.mode}"))
+    out = os.path.abspath(args.out or mode.get("out") or ("out/demo" if args.mode == "default" else
+                                                          f"out/demo-{args.mode}"))
+    variants = mode.get("variants", VARIANTS)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
@@ -296,22 +327,18 @@ def main(argv=None):
     for name, lang in (("source", "eng"), ("helper", "deu")):
         train(out, name, "train.py", [config(name), f"--data_dir={out}/data-{lang}", *mode[name]])
 
-    if not stage("CLP initialisation", os.path.isfile(os.path.join(out, "init-clp", "config.json"))):
-        clp.apply_clp(f"{out}/source/hf", f"{out}/helper/hf", f"{out}/init-clp", override=True)
-    if not stage("CLP initialisation, --extrapolation_fallback",
-                 os.path.isfile(os.path.join(out, "init-clp-guarded", "config.json"))):
-        clp.apply_clp(f"{out}/source/hf", f"{out}/helper/hf", f"{out}/init-clp-guarded", override=True,
-                      extrapolation_fallback=True)
-    if not stage("random-init baseline", os.path.isfile(os.path.join(out, "init-random", "config.json"))):
-        clp.apply_clp(f"{out}/source/hf", f"{out}/helper/hf", f"{out}/init-random", random_init=True, override=True)
+    for init, (description, options) in INITS.items():
+        if any(v[2] == init for v in variants) and not stage(
+                description, os.path.isfile(os.path.join(out, init, "config.json"))):
+            clp.apply_clp(f"{out}/source/hf", f"{out}/helper/hf", f"{out}/{init}", override=True, **options)
     scratch_init(out, f"{out}/source/hf", f"{out}/helper/hf")
 
-    for name, _, init, script, extra in VARIANTS:
+    for name, _, init, script, extra in variants:
         train(os.path.join(out, "runs"), name, script, [config("target"), f"--data_dir={out}/data-deu",
                                                          f"--init_from={out}/{init}", *mode["target"], *extra])
     print("== evaluation and report")
-    report(out, args.mode)
-    print(f"report: {os.path.join(out, 'report.md')} ({time.time() - t0:.0f} s)")
+    report(out, args.mode, variants, mode.get("suffix", ""))
+    print(f"report: {os.path.join(out, 'report' + mode.get('suffix', '') + '.md')} ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -442,3 +442,157 @@ def test_cli_study_command_with_hub_ids_offline(tiny, tmp_path):
     r = run_py(args, env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "--override" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# fvt and mean: no helper model, only the target tokenizer
+
+
+def byte_level_bpe(vocab, merges, path):
+    """A byte-level BPE tokenizer.json: the 256 byte characters (ids 0-255), then `vocab`, with `merges`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({**{c: i for i, c in enumerate(alphabet)},
+                                **{t: 256 + i for i, t in enumerate(vocab)}}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return tok
+
+
+def test_fvt_by_hand(tmp_path):
+    """Source: bytes + 'er', 'Ġd', 'Ġder'. Target: bytes + 'Ġder' (shared: copied), 'Ġdie' (the source splits
+    ' die' into Ġd, i, e), 'ere' (er, e), 'Ã¤' ('ä': two byte pieces), 'ĠÃ' (bytes 20 C3, no UTF-8 on its own:
+    split byte by byte). Input and output embeddings alike."""
+    from clp import byte_level_alphabet
+
+    src_tok = byte_level_bpe(["er", "Ġd", "Ġder"], [("e", "r"), ("Ġ", "d"), ("Ġd", "er")], tmp_path / "src.json")
+    tgt_tok = byte_level_bpe(["Ġder", "Ġdie", "ere", "Ã¤", "ĠÃ"], [], tmp_path / "tgt.json")
+    sv, tv = src_tok.get_vocab(with_added_tokens=True), tgt_tok.get_vocab(with_added_tokens=True)
+    source = tmp_path / "source"
+    hf_neox(vocab_size=len(sv) + 3).save_pretrained(source)
+    save_tokenizer(str(tmp_path / "src.json"), str(source))
+    state = safetensors_state(source)
+
+    embed_in, embed_out, report = apply_clp(str(source), method="fvt", target_tokenizer=str(tmp_path / "tgt.json"),
+                                            target_model_path=str(tmp_path / "target"))
+    assert report["method"] == "fvt" and report["helper"] is None and report["shared_tokens"] == 258  # bytes, Ġder, eot
+    assert report["fvt"]["pieces_histogram"] == {"2": 3, "3": 1} and report["fvt"]["split_byte_by_byte"] == 1
+    byte = {b: sv[c] for c, b in byte_level_alphabet().items()}
+    expected_pieces = {"Ġder": [sv["Ġder"]], "Ġdie": [sv["Ġd"], byte[ord("i")], byte[ord("e")]],
+                       "ere": [sv["er"], byte[ord("e")]], "Ã¤": [byte[0xC3], byte[0xA4]],
+                       "ĠÃ": [byte[0x20], byte[0xC3]]}
+    for matrix, key in ((embed_in, "gpt_neox.embed_in.weight"), (embed_out, "embed_out.weight")):
+        src = state[key]
+        assert torch.equal(matrix[tv["Ġder"]], src[sv["Ġder"]]) and torch.equal(matrix[tv["e"]], src[sv["e"]])
+        for token, ids in expected_pieces.items():
+            torch.testing.assert_close(matrix[tv[token]], src[ids].mean(0), rtol=0, atol=1e-6)
+    saved = json.loads((tmp_path / "target" / "clp_report.json").read_text())
+    assert saved["fvt"]["mean_pieces"] == 2.25 and saved["method"] == "fvt"
+    assert GPT.from_pretrained(str(tmp_path / "target")).config.vocab_size == 384
+
+
+def test_byte_level_alphabet_is_gpt2s():
+    from tokenizers import pre_tokenizers
+
+    from clp import byte_level_alphabet
+
+    alphabet = byte_level_alphabet()
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(alphabet.values()) == list(range(256))
+    text = " Grüße\n\t\x00€"
+    chars = "".join(s for s, _ in pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+                    .pre_tokenize_str(text))
+    assert bytes(alphabet[c] for c in chars) == text.encode()
+
+
+def test_fvt_and_mean_on_real_pythia_and_gpt2_tokenizers(real_tokenizers):
+    """Pythia's tokenizer as source (a random 50304 x 16 matrix), GPT-2's as target."""
+    from clp import init_without_helper
+
+    src_tok, tgt_tok = load_tokenizer(real_tokenizers["pythia"]), load_tokenizer(real_tokenizers["gpt2"])
+    sv, tv = src_tok.get_vocab(with_added_tokens=True), tgt_tok.get_vocab(with_added_tokens=True)
+    shared_src, shared_tgt, new = match_vocabularies(sv, tv)
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(50304, 16, generator=g) * torch.rand(50304, 1, generator=g) + 0.3
+    token_ids = sorted(sv.values())
+    (fvt,), report = init_without_helper("fvt", [E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304, token_ids)
+    print(f"fvt, Pythia -> GPT-2: {report['fvt']}")
+    (mean, sampled), _ = (init_without_helper("mean", [E, E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304,
+                                              token_ids, mean_sample=True, seed=5))
+    (plain,), _ = init_without_helper("mean", [E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304, token_ids)
+    for out in (fvt, mean, sampled, plain):
+        assert out.shape == (50304, 16) and torch.isfinite(out).all()
+        assert torch.equal(out[shared_tgt], E[shared_src])
+    # fvt rows are averages of source rows: none longer than the longest
+    assert fvt[new].norm(dim=1).max() <= E.norm(dim=1).max()
+    hist = report["fvt"]["pieces_histogram"]
+    assert sum(hist.values()) == len(new) and "1" not in hist and hist["2"] > len(new) / 2
+    # the bytes no UTF-8 text has (0xC0, 0xC1, 0xF5-0xFF) are no Pythia tokens: those rows keep the padding mean
+    assert sorted(report["fvt"]["no_source_piece"]) == sorted(chr(c) for c in [0xC0, 0xC1, *range(0xF5, 0x100)])
+    torch.testing.assert_close(fvt[tv["À"]], E[shared_src].mean(0))
+    # the pieces, from an independent path: GPT-2's decoder, then the Pythia tokenizer (tokens that decode cleanly)
+    id_to_token = {i: t for t, i in tv.items()}
+    checked = 0
+    for i in new[::97].tolist():
+        text = tgt_tok.decode([i])
+        if "\ufffd" not in text:
+            ids = src_tok.encode(text, add_special_tokens=False).ids
+            torch.testing.assert_close(fvt[i], E[ids].mean(0), msg=id_to_token[i])
+            checked += 1
+    assert checked > 100
+    # mean: the mean of the source tokens' rows; sampled: the rows' mean and covariance, seeded
+    torch.testing.assert_close(plain[new], E[token_ids].mean(0).expand(len(new), -1))
+    torch.testing.assert_close(sampled[new].mean(0), E[token_ids].mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.cov(sampled[new].T), torch.cov(E[token_ids].T), atol=0.02, rtol=0.05)
+    assert not torch.equal(mean[new], sampled[new])  # input and output matrices: different draws
+    again, _ = init_without_helper("mean", [E, E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304, token_ids,
+                                   mean_sample=True, seed=5)
+    assert torch.equal(again[0], mean) and torch.equal(again[1], sampled)
+
+
+def test_mean_method_and_method_errors(tiny, tmp_path):
+    source, helper, _ = tiny
+    src_state = safetensors_state(source)
+    src_vocab = load_tokenizer(str(source)).get_vocab(with_added_tokens=True)
+    helper_vocab = load_tokenizer(str(helper)).get_vocab(with_added_tokens=True)
+    _, shared, missing = match_vocabularies(src_vocab, helper_vocab)
+    # the helper directory's tokenizer is enough (its weights are not read)
+    embed_in, embed_out, report = apply_clp(str(source), str(helper), method="mean")
+    for matrix, key in ((embed_in, "gpt_neox.embed_in.weight"), (embed_out, "embed_out.weight")):
+        rows = src_state[key][sorted(src_vocab.values())]
+        torch.testing.assert_close(matrix[missing], rows.mean(0).expand(len(missing), -1))
+    assert report["method"] == "mean" and report["helper"] is None and report["weighting"] is None
+    assert report["mean_sample"] is False and report["fallback_rows"] == 0
+
+    assert_error("method='wechsel': expected one of clp, fvt, mean", str(source), str(helper), method="wechsel")
+    assert_error("--method fvt needs the target tokenizer", str(source), method="fvt")
+    assert_error("--method clp needs --helper_model_name_or_path", str(source), target_tokenizer=str(helper))
+    assert_error("--weighting does not apply to --method fvt", str(source), str(helper), method="fvt",
+                 weighting="sparsemax")
+    assert_error("--extrapolation_fallback does not apply to --method mean", str(source), str(helper),
+                 method="mean", extrapolation_fallback=True)
+    assert_error("--mean_sample does not apply to --method clp", str(source), str(helper), mean_sample=True)
+    assert_error("--random_init does not apply to --method fvt", str(source), str(helper), method="fvt",
+                 random_init=True)
+    assert_error("give one", str(source), method="fvt", target_tokenizer=str(helper),
+                 helper_tokenizer_name_or_path=str(helper))
+    assert_error("no such directory", str(source), method="fvt", target_tokenizer=str(tmp_path / "nope"))
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_fvt_without_helper_model(tiny, tmp_path):
+    source, helper, _ = tiny
+    args = ["clp.py", "apply_clp", "--source_model_name_or_path", str(source), "--method", "fvt",
+            "--target_tokenizer", str(helper),
+            "--target_model_path", str(tmp_path / "out")]
+    r = run_py(args)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "clp_report.json").read_text())
+    assert report["method"] == "fvt" and sum(report["fvt"]["pieces_histogram"].values()) == report["new_tokens"]
+    for bad, message in ((["--method", "focus"], "method='focus': expected one of clp, fvt, mean"),
+                         (["--method", "fvt"], "needs the target tokenizer")):
+        r = run_py(args[:4] + bad + ["--target_model_path", str(tmp_path / "x")])
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

@@ -1,8 +1,9 @@
 """make demo DEMO=quick, end to end on the real ELTeC novels (the slices vendored in tests/data/eltec, as on a fresh
 clone): data, source and helper, CLP, six German variants, evaluation, report and plot; a rerun finds every stage
-cached."""
+cached; DEMO=init-quick adds the other initialisations."""
 
 import json
+import math
 import os
 
 from conftest import ELTEC, run_py
@@ -27,6 +28,7 @@ def test_quick_demo_end_to_end(tmp_path):
         summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
         curve = [json.loads(line)["val_ppl"] for line in open(tmp_path / "runs" / name / "metrics.jsonl")
                  if "val_ppl" in line]
+        curve = [math.inf if p is None else p for p in curve]  # a diverged start is written as null
         assert abs(summary["tokens"] - 60_000) <= 8 * 64 and curve[-1] < curve[0] / 2, (name, curve)  # one step
         finals[name] = curve[-1]
     # the method works even at this scale: CLP (with the extrapolation fallback the tiny helper needs) ends well
@@ -38,6 +40,22 @@ def test_quick_demo_end_to_end(tmp_path):
     again = run_py(["demo.py", "--mode", "quick", "--out", str(tmp_path)], env=offline)
     assert again.returncode == 0 and ": running" not in again.stdout, again.stdout
     assert again.stdout.count(": cached") == 16
+
+    # DEMO=init at the quick size, in the same directory: the runs it shares with the demo are not trained again;
+    # mean, FVT and CLP+ are
+    init = run_py(["demo.py", "--mode", "init-quick", "--out", str(tmp_path)], env=offline, timeout=900)
+    assert init.returncode == 0, init.stdout[-3000:] + init.stderr[-3000:]
+    assert sorted(line for line in init.stdout.splitlines() if ": running" in line) == sorted(
+        ["== FVT initialisation (--method fvt): running", "== CLP+ initialisation (--weighting sparsemax): running",
+         "== mean initialisation (--method mean): running", "== train mean: running", "== train fvt: running",
+         "== train clp_plus: running"])
+    table = (tmp_path / "report-init.md").read_text()
+    for _, label, *_ in demo.INIT_VARIANTS:
+        assert f"| {label} |" in table
+    assert "FVT: the source tokenizer splits" in table and (tmp_path / "ppl_curves-init.png").stat().st_size > 10_000
+    assert (tmp_path / "report.md").read_text() == report  # the demo's own report stays
+    fvt = json.loads((tmp_path / "init-fvt" / "clp_report.json").read_text())
+    assert fvt["method"] == "fvt" and sum(fvt["fvt"]["pieces_histogram"].values()) == fvt["new_tokens"]
 
 
 def test_tokens_to_reach():
