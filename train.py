@@ -974,10 +974,21 @@ def main(argv=None, defaults=None):
                 if os.environ.get("DEBUG") or e.errno is None:
                     raise
                 raise UserError(f"{e.filename}: {e.strerror}" if e.filename else f"I/O error: {e.strerror}") from None
+            finally:
+                close_progress_bars()
     except Stop as e:
         print(f"stopped by {signal.Signals(e.args[0]).name} outside a training step (or a second time): exiting now; "
               "a checkpoint already written is complete", file=sys.stderr)
         sys.exit(128 + e.args[0])
+
+
+def close_progress_bars():
+    """A run that ends early leaves its progress bar open: closed, the error starts a line of its own."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
 
 
 def run(argv, defaults, stop):
