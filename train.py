@@ -970,6 +970,10 @@ def main(argv=None, defaults=None):
                     raise
                 raise UserError(f"rank {dist.get_rank()}: a DDP peer died or stopped answering "
                                 f"({str(e).splitlines()[0][-160:]}); restart with init_from=resume") from None
+            except UserError:  # before training, every rank fails alike: rank 0 alone says it
+                if int(os.environ.get("RANK", "0")) > 0 and not stop.deferred and not os.environ.get("DEBUG"):
+                    sys.exit(1)
+                raise
             except OSError as e:  # a full disk, a lost mount, a permission: late, so one line that names the file
                 if os.environ.get("DEBUG") or e.errno is None:
                     raise
@@ -1039,7 +1043,7 @@ def run(argv, defaults, stop):
         metrics.log({"step": state.step, "phase": phase.name, "tokens": state.tokens, "val_loss": val,
                      "val_ppl": exp(val)})
         if rt.master:
-            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.2f}")
+            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
         if cfg.eval_only:
             return
 
@@ -1116,7 +1120,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
             record.update(val_loss=state.val_loss, val_ppl=exp(state.val_loss))
             if rt.master:
                 tqdm.write(f"step {state.step} ({phase.name}): train loss {loss:.4f}, val loss {state.val_loss:.4f}, "
-                           f"ppl {exp(state.val_loss):.2f}")
+                           f"ppl {exp(state.val_loss):.6g}")
         metrics.log(record)
         bar.update(1)
         bar.set_postfix(phase=phase.name, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
@@ -1158,7 +1162,7 @@ def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, toke
                  "val_full_ppl": exp(full)})
     identical = ranks_identical(raw_model) if rt.ddp else None
     if rt.master:
-        print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.2f}")
+        print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.6g}")
         assert identical is not False, "DDP ranks ended with different weights"
         if cfg.export_hf:
             hf_dir = os.path.join(cfg.out_dir, "hf")

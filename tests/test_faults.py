@@ -432,3 +432,9 @@ def test_bad_token_mid_run_checkpoints_the_last_good_step(corpus, tmp_path):
                               "--eval_interval=100"))
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert (ckpt["step"], ckpt["pos"]) == (2, 16)
+
+
+def test_an_error_before_training_is_printed_once_under_torchrun(corpus, tmp_path):
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                *train_args(corpus, tmp_path, "--max_iters=-1")], env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and r.stderr.count("error: max_iters=-1, expected") == 1, r.stderr[-3000:]
