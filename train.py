@@ -636,6 +636,8 @@ def check_resume_data(cfg, checkpoint, meta, ckpt_path):
 def check_resume_plan(phases, state, cfg):
     """A new length re-plans the phases: the embedding phase must still end where the saved run's did (or, if the
     run is still in it, not before its current step), else steps already taken would change phase."""
+    if not state.phase_stats:  # a checkpoint older than the per-phase statistics: nothing to check against
+        return
     emb_end = sum(p.steps for p in phases if p.name == "embedding")
     emb_done = state.phase_stats.get("embedding", {}).get("steps", 0)
     if emb_done < state.step and emb_end != emb_done or emb_done == state.step and emb_end < state.step:
@@ -764,7 +766,7 @@ def agreed_batches(train_data, state, phase, rt, vocab_size):
     return batches, bad
 
 
-def stop_at_bad_batch(bad, state, progressed, ckpt_path, rt, save):
+def stop_at_bad_batch(bad, state, progressed, ckpt_path, save):
     """A fatal data error mid-run: the last good step is checkpointed (when this process took steps) before the run
     stops with the error, so no progress is lost."""
     if progressed:
@@ -1097,7 +1099,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
         t0 = time.time()
         batches, bad = agreed_batches(train_data, state, phase, rt, vocab_size)
         if bad:
-            stop_at_bad_batch(bad, state, state.step > start_step, ckpt_path, rt,
+            stop_at_bad_batch(bad, state, state.step > start_step, ckpt_path,
                               lambda: save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir,
                                                       phase, state, rt))
         loss = train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads)
