@@ -3,7 +3,7 @@
 # The study's pipeline, each step a file target (a finished step is not redone):
 #   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
-#   make train     train.py $(CONFIG) (after init and data); NPROC=8 runs it under torchrun
+#   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
 #   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute; DEMO=init: the initialisations compared)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
@@ -56,7 +56,16 @@ $(DATA_DIR)/meta.json:
 	$(PY) data.py --dataset_name '$(DATA_SOURCE)' --dataset_revision $(DATA_REVISION) \
 	    --tokenizer $(HELPER_MODEL) --output_dir $(DATA_DIR) --subsample_size_mb $(DATA_MB) --valid_percent 10
 
-train: init data
+# what $(CONFIG) $(ARGS) names as its init_from and data_dir, when they are this pipeline's outputs: init, init-random,
+# data (a config with its own model and data builds nothing; `make -n train` shows what would run)
+TRAIN_NEEDS = $(PY) -c 'import sys, train; from common import run_cli; \
+	cfg = run_cli(train.parse_config, sys.argv[4:]); \
+	print(*[target for target, path, named in zip(("init", "init-random", "data"), sys.argv[1:4], \
+	(cfg.init_from, cfg.init_from, cfg.data_dir)) if path == named])' \
+	'$(INIT_DIR)' '$(RANDOM_INIT_DIR)' '$(DATA_DIR)' $(CONFIG) $(ARGS)
+
+train:
+	+@needs="$$($(TRAIN_NEEDS))" && if [ -n "$$needs" ]; then $(MAKE) --no-print-directory $$needs; fi
 ifeq ($(NPROC),1)
 	$(PY) train.py $(CONFIG) $(ARGS)
 else
@@ -64,7 +73,7 @@ else
 endif
 
 eval:
-	$(PY) eval.py --model $(MODEL) --tasks $(TASKS) --output $(dir $(MODEL))eval.json $(ARGS)
+	$(PY) eval.py --model $(MODEL) --tasks $(TASKS) --output $(dir $(patsubst %/,%,$(MODEL)))eval.json $(ARGS)
 
 demo:
 	$(PY) demo.py --mode $(DEMO)

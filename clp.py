@@ -467,7 +467,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
         raise UserError(f"{source_dir}: the embedding has {E_in.shape[0]} rows, but the source tokenizer has ids up "
                         f"to {max(source_vocab.values())}")
     shared_src, shared_helper, missing = match_vocabularies(source_vocab, helper_vocab)
-    if len(shared_src) == 0:
+    if len(shared_src) == 0 and (not random_init or not tied and output_embeddings == "clp"):  # random: none needed
         raise UserError(f"no shared tokens between the source tokenizer ({source_dir}) and the helper tokenizer "
                         f"({tok_src}): CLP needs tokens whose strings both vocabularies have")
     helper_special = read_special_tokens(tok_src)

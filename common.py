@@ -19,7 +19,8 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run a CLI main(); a UserError ends it with 'error: ...' on stderr and exit code 1 (traceback with DEBUG=1)."""
+    """Run a CLI main(); a UserError ends it with 'error: ...' on stderr and exit code 1, Ctrl-C with one line and
+    exit code 130 (every output is written atomically: nothing half-written is left). DEBUG=1: the traceback."""
     try:
         return main(argv)
     except UserError as e:
@@ -27,6 +28,11 @@ def run_cli(main, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if os.environ.get("DEBUG"):
+            raise
+        print("stopped by Ctrl-C: exiting (no output is left half-written)", file=sys.stderr)
+        sys.exit(130)
 
 
 @contextmanager
@@ -160,6 +166,9 @@ def load_tokenizer(path):
         try:
             return Tokenizer.from_file(file)
         except Exception as e:  # tokenizers raises a plain Exception on malformed files
+            if file.endswith(("vocab.json", "merges.txt")):
+                raise UserError(f"{file}: one file of a GPT-2-style tokenizer; pass the folder that holds it as "
+                                "vocab.json with merges.txt") from None
             raise UserError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if os.path.isdir(path) and os.path.isfile(vocab) and os.path.isfile(merges):

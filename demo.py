@@ -90,6 +90,17 @@ MODES["init"] = dict(MODES["default"], variants=INIT_VARIANTS, out="out/demo", s
 MODES["init-quick"] = dict(MODES["quick"], variants=INIT_VARIANTS, out="out/demo-quick", suffix="-init")
 
 
+def claim_out(out, mode_name, mode):
+    """The stages kept in `out` are those of one mode and its sizes (demo_mode.json): another mode's are not done
+    stages of this one, so a demo of another mode (or of changed sizes) into it is refused."""
+    path = os.path.join(out, "demo_mode.json")
+    settings = json.loads(json.dumps({"mode": mode_name, **mode}))
+    if os.path.isfile(path) and read_json(path) != settings:
+        raise UserError(f"{out} holds the stages of a --mode {read_json(path).get('mode')} demo (or of other sizes, "
+                        f"{path}): give --mode {mode_name} its own --out, or delete {out}")
+    write_json(path, settings)
+
+
 def stage(name, done):
     """Print what runs; True when the stage's output already exists (and so it is skipped)."""
     print(f"== {name}: " + ("cached" if done else "running"), flush=True)
@@ -145,7 +156,8 @@ def train(out, name, script, args):
     run_dir = os.path.join(out, name)
     if stage(f"train {name}", os.path.isfile(os.path.join(run_dir, "summary.json"))):
         return
-    resume = ["--init_from=resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else []
+    # a run killed before its first checkpoint left only metrics: it starts again
+    resume = ["--init_from=resume" if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else "--override=True"]
     cmd = [sys.executable, os.path.join(HERE, script), *args, f"--out_dir={run_dir}", *resume]
     print("   " + " ".join(os.path.relpath(c) if c.endswith(".py") else c for c in cmd[1:]), flush=True)
     t0 = time.time()
@@ -319,6 +331,7 @@ def main(argv=None):
                                                           f"out/demo-{args.mode}"))
     variants = mode.get("variants", VARIANTS)
     os.makedirs(out, exist_ok=True)
+    claim_out(out, args.mode, mode)
     t0 = time.time()
 
     offline = args.mode == "quick" and not args.eltec_dir

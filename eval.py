@@ -621,6 +621,7 @@ def main(argv=None):
     # every input is checked, and every task's data read, before the model loads and anything is scored
     if not args.model:
         raise UserError("--model is required (an HF-format directory or hub id)")
+    resolve_model_dir(args.model, args.revision)  # first: a typo in --model is not reported as missing task data
     check_device(args.device)
     for flag, low in (("num_fewshot", 0), ("limit", 1), ("batch_size", 1), ("max_length", 1), ("stride", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:

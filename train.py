@@ -19,6 +19,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -48,6 +49,7 @@ class TrainConfig:
     eval_at_start: bool = True
     eval_only: bool = False
     export_hf: bool = True  # write out_dir/hf (config, safetensors, tokenizer) at the end
+    override: bool = False  # a fresh run replaces a run in out_dir (kept aside until the new one's first checkpoint)
     wandb_log: bool = False
     wandb_project: str = "clp-transfer"
     wandb_run_name: str = "run"
@@ -130,13 +132,22 @@ def parse_config(argv, defaults=None):
         want = types[key]
         if want is float and type(value) is int:
             value = float(value)
+        if want is int and type(value) is float and value.is_integer():  # --max_iters=1e3
+            value = int(value)
         if type(value) is not want:
-            raise UserError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected a {want.__name__}")
+            article = "an" if want.__name__[0] in "aeiou" else "a"
+            raise UserError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected {article} "
+                            f"{want.__name__}")
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"{where}: {key}={value!r}, expected one of {', '.join(CHOICES[key])}")
         setattr(cfg, key, value)
 
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help(cfg))
+            sys.exit(0)
+        if arg.startswith("-") and not arg.startswith("--"):
+            raise UserError(f"{arg}: expected a config file or --key=value (--help lists the keys)")
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not eq:
@@ -153,6 +164,27 @@ def parse_config(argv, defaults=None):
             for key, value in read_config_file(arg).items():
                 assign(key, value, arg)
     return cfg
+
+
+def config_help(cfg):
+    """Every key with its value in `cfg` (the defaults) and its comment, grouped as in TrainConfig's source: there a
+    one-line comment is a group's heading, a longer one describes the key below it."""
+    import inspect
+
+    lines = [__doc__.strip(), "", "Keys (--key=value, or key = value in a config file), their defaults and meaning:"]
+    above = []
+    for line in inspect.getsource(TrainConfig).splitlines()[2:]:
+        line = line.strip()
+        if line.startswith("#"):
+            above.append(line[1:].strip())
+            continue
+        if len(above) == 1:
+            lines += ["", f"# {above[0]}"]
+        key, _, rest = line.partition(":")
+        text = " ".join((above if len(above) > 1 else []) + [rest.partition("#")[2].strip()]).strip()
+        lines.append(f"  --{key}={getattr(cfg, key)!r}" + (f"  # {text}" if text else ""))
+        above = []
+    return "\n".join(lines)
 
 
 def read_config_file(path):
@@ -255,7 +287,8 @@ def plan_phases(cfg, train_blocks, world_size=1):
     """Split the run into the embedding phase and the full phase. phase_unit='steps': the embedding phase is the
     first ceil(frac * N) of N optimizer steps; 'tokens': it spends frac of the tokens at its own batch size (so a
     small embedding batch makes many steps). max_iters is the number of optimizer steps in either unit; max_tokens
-    and epochs are a token budget, which either unit spends whatever the two phases' batch sizes."""
+    and epochs are a token budget, which either unit spends whatever the two phases' batch sizes: to within one
+    step, never more."""
     T = cfg.block_size
     emb_bs = cfg.embedding_batch_size or cfg.batch_size
     emb_ga = micro_batches(cfg.embedding_gradient_accumulation_steps or cfg.gradient_accumulation_steps, world_size)
@@ -281,9 +314,9 @@ def plan_phases(cfg, train_blocks, world_size=1):
         t = cfg.max_iters / (frac / emb_tokens_per_step + (1 - frac) / full_tokens_per_step)
         emb_steps = min(cfg.max_iters, max(int(frac > 0), round(frac * t / emb_tokens_per_step)))
         full_steps = cfg.max_iters - emb_steps
-    else:
-        emb_steps = math.ceil(frac * budget / emb_tokens_per_step)
-        full_steps = max(0, math.ceil((budget - emb_steps * emb_tokens_per_step) / full_tokens_per_step))
+    else:  # the budget to within one full step, never over it: the full phase has what the embedding phase left
+        emb_steps = max(int(frac > 0), round(frac * budget / emb_tokens_per_step))
+        full_steps = max(0, (budget - emb_steps * emb_tokens_per_step) // full_tokens_per_step)
     total = emb_steps + full_steps
     if total <= 0:
         raise UserError("the run has no steps: set max_iters, max_tokens or epochs")
@@ -505,12 +538,113 @@ def load_config(argv, defaults):
     run keeps its saved settings; only what the command line gives again (argv) overrides them."""
     cfg = parse_config(argv, defaults)
     checkpoint = None
+    check_out_dir(cfg)
     if cfg.init_from == "resume":
         checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         saved = TrainConfig(**checkpoint["config"])
         cfg = parse_config(argv, {**asdict(saved), "init_from": "resume"})
+        check_resume_config(saved, cfg)
     check_config(cfg)
+    if cfg.init_from != "resume":
+        claim_out_dir(cfg)
     return cfg, checkpoint
+
+
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "hf")  # and anything named ckpt* (checkpoint directories)
+REPLACED = ".replaced-run-"  # a run that override=True moved aside, deleted at the new run's first checkpoint
+
+
+def run_files(out_dir):
+    """What in out_dir shows that a run is there."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if f in RUN_FILES or f.startswith("ckpt"))
+
+
+def check_out_dir(cfg):
+    """out_dir must be a directory this process can write, found out before the model and the data load (not at the
+    first checkpoint, an hour in)."""
+    out = cfg.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"out_dir={out!r} is a file, expected a directory (or a path to create one at)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"out_dir={out!r}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={out!r}: not writable")
+
+
+def claim_out_dir(cfg):
+    """A fresh run never overwrites a run by accident: without override=True it stops here if out_dir holds one;
+    with it, rank 0 moves the old run's files aside (into out_dir/.replaced-run-*), deleted only once the new run
+    has its first checkpoint."""
+    found = run_files(cfg.out_dir)
+    if not found:
+        return
+    if not cfg.override:
+        raise UserError(f"out_dir={cfg.out_dir!r} holds a run ({', '.join(found)}): continue it with "
+                        "--init_from=resume, choose another out_dir, or pass --override=True to replace it")
+    if os.environ.get("RANK", "0") != "0":
+        return
+    aside = tempfile.mkdtemp(dir=cfg.out_dir, prefix=REPLACED)
+    for f in found:
+        os.replace(os.path.join(cfg.out_dir, f), os.path.join(aside, f))
+    print(f"override=True: the run in {cfg.out_dir} moved to {aside} until this run's first checkpoint")
+
+
+def drop_replaced_runs(out_dir):
+    """The run that override=True replaced, now that the new one has a checkpoint."""
+    for f in os.listdir(out_dir):
+        if f.startswith(REPLACED):
+            shutil.rmtree(os.path.join(out_dir, f), ignore_errors=True)
+
+
+# keys a resumed run may change: its length, evaluation, logging and where and how fast it runs. Every other key
+# gives the saved state (data position, phases, optimizer, schedule) its meaning.
+RESUME_CHANGEABLE = ("out_dir", "init_from", "init_revision", "override", "max_iters", "max_tokens", "epochs",
+                     "eval_interval", "eval_iters", "eval_at_start", "eval_only", "export_hf", "wandb_log",
+                     "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend", "ddp_timeout_s",
+                     "device_peak_flops", "max_nonfinite_steps")
+
+
+def check_resume_config(saved, cfg):
+    """A resumed run continues the saved one: a key that would change what its state means is refused, naming both
+    values; a safe change (the length, evaluation, logging, device) is accepted and said."""
+    changed = [(f.name, getattr(saved, f.name), getattr(cfg, f.name)) for f in fields(TrainConfig)
+               if getattr(saved, f.name) != getattr(cfg, f.name) and f.name != "init_from"]
+    refused = [f"{key}={new!r} (saved: {old!r})" for key, old, new in changed if key not in RESUME_CHANGEABLE]
+    if refused:
+        raise UserError(f"init_from=resume: {', '.join(refused)} would change what the saved state of "
+                        f"{cfg.out_dir} means (data position, phases, optimizer); resume without "
+                        f"{'it' if len(refused) == 1 else 'them'}, or start a fresh run (another out_dir, or "
+                        "--override=True)")
+    if changed and os.environ.get("RANK", "0") == "0":
+        print("resume: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed))
+
+
+def check_resume_data(cfg, checkpoint, meta, ckpt_path):
+    """A resumed run reads data made with its model's tokenizer, as a fresh run must (a tokenizer_dir that is
+    gone is build_model's error)."""
+    tokenizer_dir = checkpoint["tokenizer_dir"]
+    file = os.path.join(tokenizer_dir, "tokenizer.json") if os.path.isdir(tokenizer_dir or "") else tokenizer_dir
+    if file and os.path.isfile(file):
+        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), f"{ckpt_path} (tokenizer {tokenizer_dir})",
+                        cfg.data_dir)
+
+
+def check_resume_plan(phases, state, cfg):
+    """A new length re-plans the phases: the embedding phase must still end where the saved run's did (or, if the
+    run is still in it, not before its current step), else steps already taken would change phase."""
+    if not state.phase_stats:  # a checkpoint older than the per-phase statistics: nothing to check against
+        return
+    emb_end = sum(p.steps for p in phases if p.name == "embedding")
+    emb_done = state.phase_stats.get("embedding", {}).get("steps", 0)
+    if emb_done < state.step and emb_end != emb_done or emb_done == state.step and emb_end < state.step:
+        raise UserError(f"init_from=resume: with max_iters={cfg.max_iters}, max_tokens={cfg.max_tokens}, "
+                        f"epochs={cfg.epochs:g} the embedding phase would be steps 0..{emb_end - 1}, but the saved "
+                        f"run at step {state.step} has taken {emb_done} embedding steps; choose a length that keeps "
+                        "the phase boundary (or start a fresh run)")
 
 
 def load_checkpoint(ckpt_path):
@@ -583,13 +717,25 @@ def save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir,
                       "scaler": scaler.state_dict(), "model_config": asdict(raw_model.config),
                       "tokenizer_dir": tokenizer_dir, "config": asdict(cfg), "phase": phase.name, **asdict(state),
                       "rng": rng}
-        with atomic_path(ckpt_path) as tmp:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            with atomic_path(ckpt_path) as tmp:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's writer's RuntimeError after it
+            raise checkpoint_write_error(ckpt_path, e) from None
     if rt.ddp:
         dist.barrier()
+
+
+def checkpoint_write_error(ckpt_path, e):
+    """One line for a checkpoint that could not be written (its temp file is gone; the previous one is whole)."""
+    while e.__context__ is not None and not isinstance(e, OSError):  # the cause under torch's RuntimeError
+        e = e.__context__
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    kept = "the previous checkpoint is kept" if os.path.isfile(ckpt_path) else "there is no earlier checkpoint"
+    return UserError(f"{ckpt_path}: cannot write the checkpoint ({cause}); {kept}")
 
 
 # -----------------------------------------------------------------------------
@@ -603,6 +749,31 @@ def next_batches(train_data, state, phase, rt, vocab_size):
                          train_data.path, vocab_size) for i in range(accum)]
     state.pos += accum * phase.batch_size * rt.world_size
     return batches
+
+
+def agreed_batches(train_data, state, phase, rt, vocab_size):
+    """next_batches, and the error of a bad batch (an id beyond the vocabulary) instead of raising it; under DDP
+    every rank learns that some rank had one, so that all of them can checkpoint together and stop."""
+    try:
+        batches, bad = next_batches(train_data, state, phase, rt, vocab_size), None
+    except UserError as e:
+        batches, bad = None, e
+    if rt.ddp:
+        flag = torch.tensor([float(bad is not None)], device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and bad is None:
+            bad = UserError(f"another rank read a bad batch at step {state.step + 1} (its error is above)")
+    return batches, bad
+
+
+def stop_at_bad_batch(bad, state, progressed, ckpt_path, save):
+    """A fatal data error mid-run: the last good step is checkpointed (when this process took steps) before the run
+    stops with the error, so no progress is lost."""
+    if progressed:
+        save()
+        raise UserError(f"{bad}; stopped before step {state.step + 1}: the checkpoint {ckpt_path} holds step "
+                        f"{state.step} (init_from=resume continues once the data is fixed)")
+    raise bad
 
 
 def train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads=False):
@@ -672,8 +843,10 @@ def record_phase_stats(phase_stats, phase, step_tokens, dt, first_step, record):
         stats["peak_mem_mb"] = record["peak_mem_mb"]
 
 
-def eval_blocks(cfg, val_data, world_size):
-    return min(val_data.n_blocks, cfg.eval_iters * cfg.batch_size * world_size)
+def eval_blocks(cfg, val_data):
+    """The blocks a periodic evaluation scores: the same whatever the process count (they split them), so the
+    validation curves of runs on 1 and N processes compare."""
+    return min(val_data.n_blocks, cfg.eval_iters * cfg.batch_size)
 
 
 def unwrapped(model, rt):
@@ -799,10 +972,29 @@ def main(argv=None, defaults=None):
                     raise
                 raise UserError(f"rank {dist.get_rank()}: a DDP peer died or stopped answering "
                                 f"({str(e).splitlines()[0][-160:]}); restart with init_from=resume") from None
+            except UserError:  # before training, every rank fails alike: rank 0 alone says it
+                if int(os.environ.get("RANK", "0")) > 0 and not stop.deferred and not os.environ.get("DEBUG"):
+                    sys.exit(1)
+                raise
+            except OSError as e:  # a full disk, a lost mount, a permission: late, so one line that names the file
+                if os.environ.get("DEBUG") or e.errno is None:
+                    raise
+                raise UserError(f"{e.filename}: {e.strerror}" if e.filename else f"I/O error: {e.strerror}") from None
+            finally:
+                close_progress_bars()
     except Stop as e:
         print(f"stopped by {signal.Signals(e.args[0]).name} outside a training step (or a second time): exiting now; "
               "a checkpoint already written is complete", file=sys.stderr)
         sys.exit(128 + e.args[0])
+
+
+def close_progress_bars():
+    """A run that ends early leaves its progress bar open: closed, the error starts a line of its own."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
 
 
 def run(argv, defaults, stop):
@@ -813,12 +1005,16 @@ def run(argv, defaults, stop):
 
     # ---- data and the plan (a finished run stops here)
     meta = load_meta(cfg.data_dir)
+    if checkpoint:
+        check_resume_data(cfg, checkpoint, meta, ckpt_path)
     train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rt.rank,
                         rt.world_size)
     val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rt.rank,
                       rt.world_size)
     phases = plan_phases(cfg, train_data.n_blocks, rt.world_size)
     total_steps = phases[-1].start + phases[-1].steps
+    if checkpoint:
+        check_resume_plan(phases, state, cfg)
     if checkpoint and state.step >= total_steps and not cfg.eval_only and \
             finished(os.path.join(cfg.out_dir, "summary.json"), state.step):
         if rt.master:
@@ -844,12 +1040,12 @@ def run(argv, defaults, stop):
     metrics = MetricsLog(cfg, rt.master, resume_step=state.step if cfg.init_from == "resume" else None)
 
     if cfg.eval_only or (cfg.eval_at_start and cfg.init_from != "resume"):
-        n = val_data.n_blocks if cfg.eval_only else eval_blocks(cfg, val_data, rt.world_size)
+        n = val_data.n_blocks if cfg.eval_only else eval_blocks(cfg, val_data)
         val = evaluate(unwrapped(model, rt), val_data, n, raw_model.config.vocab_size, cfg, rt)
         metrics.log({"step": state.step, "phase": phase.name, "tokens": state.tokens, "val_loss": val,
                      "val_ppl": exp(val)})
         if rt.master:
-            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.2f}")
+            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
         if cfg.eval_only:
             return
 
@@ -889,6 +1085,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
     phase = phase_at(phases, state.step)
     verify_grads = False
     first_step = True  # the first step after the model was (re)built: compile, allocator warm-up
+    start_step = state.step
     stop.deferred = True  # from here a signal stops the run at the next step boundary, with a checkpoint
     while state.step < total_steps:
         if state.step >= phase.start + phase.steps:  # the switch, exactly at the boundary
@@ -900,7 +1097,11 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
                 torch.cuda.reset_peak_memory_stats(rt.device)
         lr = phase.lr(state.step, cfg.min_lr)
         t0 = time.time()
-        batches = next_batches(train_data, state, phase, rt, vocab_size)
+        batches, bad = agreed_batches(train_data, state, phase, rt, vocab_size)
+        if bad:
+            stop_at_bad_batch(bad, state, state.step > start_step, ckpt_path,
+                              lambda: save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir,
+                                                      phase, state, rt))
         loss = train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads)
         if not math.isfinite(loss):  # only the update is skipped: the step counts, evaluates, checkpoints
             count_nonfinite(state, loss, cfg, rt, ckpt_path)
@@ -916,21 +1117,24 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
         first_step = False
         evaluating = state.step % cfg.eval_interval == 0 or state.step == total_steps
         if evaluating:
-            state.val_loss = evaluate(unwrapped(model, rt), val_data, eval_blocks(cfg, val_data, rt.world_size),
-                                      vocab_size, cfg, rt)
+            state.val_loss = evaluate(unwrapped(model, rt), val_data, eval_blocks(cfg, val_data), vocab_size, cfg, rt)
             state.best_val_loss = min(state.best_val_loss, state.val_loss)
             record.update(val_loss=state.val_loss, val_ppl=exp(state.val_loss))
             if rt.master:
                 tqdm.write(f"step {state.step} ({phase.name}): train loss {loss:.4f}, val loss {state.val_loss:.4f}, "
-                           f"ppl {exp(state.val_loss):.2f}")
+                           f"ppl {exp(state.val_loss):.6g}")
         metrics.log(record)
         bar.update(1)
         bar.set_postfix(phase=phase.name, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if evaluating:
             save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir, phase, state, rt)
+            if rt.master:
+                drop_replaced_runs(cfg.out_dir)
         if should_stop(stop, rt):
             if not evaluating:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir, phase, state, rt)
+                if rt.master:
+                    drop_replaced_runs(cfg.out_dir)
             bar.close()
             exit_stopped(stop, state.step, ckpt_path, rt)
     bar.close()
@@ -952,7 +1156,7 @@ def exit_stopped(stop, step, ckpt_path, rt):
 
 def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, tokenizer_dir):
     """The whole validation set, the HF export, then summary.json (written last: the run is complete)."""
-    if state.val_loss is not None and eval_blocks(cfg, val_data, rt.world_size) == val_data.n_blocks:
+    if state.val_loss is not None and eval_blocks(cfg, val_data) == val_data.n_blocks:
         full = state.val_loss
     else:
         full = evaluate(eval_model, val_data, val_data.n_blocks, raw_model.config.vocab_size, cfg, rt)
@@ -960,7 +1164,7 @@ def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, toke
                  "val_full_ppl": exp(full)})
     identical = ranks_identical(raw_model) if rt.ddp else None
     if rt.master:
-        print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.2f}")
+        print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.6g}")
         assert identical is not False, "DDP ranks ended with different weights"
         if cfg.export_hf:
             hf_dir = os.path.join(cfg.out_dir, "hf")

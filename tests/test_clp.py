@@ -383,6 +383,10 @@ def test_bad_inputs(tiny, tmp_path, monkeypatch):
     nothing.mkdir()
     Tokenizer(models.WordLevel({"Xq§1": 0, "Xq§2": 1}, unk_token="Xq§1")).save(str(nothing / "tokenizer.json"))
     assert_error("no shared tokens", str(source), str(helper), str(target), helper_tokenizer_name_or_path=str(nothing))
+    # random init of every row needs no shared token
+    embed_in, _, report = apply_clp(str(source), str(helper), random_init=True,
+                                    helper_tokenizer_name_or_path=str(nothing))
+    assert report["shared_tokens"] == 0 and embed_in.shape[0] == 128 and torch.isfinite(embed_in).all()
     # no embedding tensor under a known name
     odd = tmp_path / "odd"
     odd.mkdir()

@@ -6,9 +6,11 @@ import json
 import math
 import os
 
+import pytest
 from conftest import ELTEC, run_py
 
 import demo
+from common import UserError
 
 
 def test_quick_demo_end_to_end(tmp_path):
@@ -64,3 +66,15 @@ def test_tokens_to_reach():
     assert demo.tokens_to_reach(curve, 300.0) == 200.0
     assert demo.tokens_to_reach(curve, 2000.0) == 0
     assert demo.tokens_to_reach(curve, 100.0) is None
+
+
+def test_a_demo_of_another_mode_does_not_reuse_the_stages(tmp_path, monkeypatch):
+    """A --mode default demo into a --mode quick demo's folder would count every stage as done and report the quick
+    run's numbers as the default demo's: refused before any stage runs (the same mode goes on)."""
+    monkeypatch.setattr(demo, "prepare_data", lambda *a: pytest.fail("no stage may run"))
+    (tmp_path / "demo_mode.json").write_text(json.dumps({"mode": "quick", **demo.MODES["quick"]}))
+    with pytest.raises(UserError, match=f"{tmp_path} holds the stages of a --mode quick demo"):
+        demo.main(["--mode", "default", "--out", str(tmp_path)])
+    monkeypatch.setattr(demo, "prepare_data", lambda *a: (_ for _ in ()).throw(RuntimeError("went on")))
+    with pytest.raises(RuntimeError, match="went on"):
+        demo.main(["--mode", "quick", "--out", str(tmp_path)])

@@ -335,6 +335,14 @@ def test_bad_input_before_the_model_loads(tiny, tmp_path, monkeypatch, no_model)
     assert p.returncode == 1 and p.stderr.startswith("error: --device 'cuda': ") and "Traceback" not in p.stderr
 
 
+def test_a_missing_model_is_reported_before_the_task_data(tmp_path, monkeypatch, no_model):
+    """A typo in --model names the model, not the task's hub dataset that the task data check would fail on."""
+    monkeypatch.delenv("EVAL_DATA_DIR", raising=False)
+    monkeypatch.setattr(ev, "prepare_task", lambda *a, **k: pytest.fail("the task data was read first"))
+    with pytest.raises(UserError, match=f"{tmp_path / 'typo'}: no such directory"):
+        ev.main(["--model", str(tmp_path / "typo"), "--tasks", "germeval2018_coarse"])
+
+
 def test_missing_relative_ppl_file(tiny, tmp_path, monkeypatch, no_model):
     """dir/missing.txt names a file (a data-file suffix), not a hub dataset 'dir/missing.txt'."""
     monkeypatch.chdir(tmp_path)

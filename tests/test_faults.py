@@ -297,7 +297,7 @@ def test_missing_tokenizer_fails_at_the_start_and_the_export_is_atomic(corpus, t
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(train, "save_tokenizer", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match="No space left"):  # one line, late as it is
         train.main([*run_args, "--init_from=resume", "--max_iters=4"])
     assert (out / "hf" / "model.safetensors").read_bytes() == exported  # the previous export, whole
     assert sorted(os.listdir(out / "hf")) == ["config.json", "model.safetensors", "special_tokens_map.json",
@@ -389,3 +389,52 @@ def test_metrics_are_strict_json_and_a_cut_line_is_dropped(corpus, tmp_path, mon
         f.write('{"step": 3, "phase": "fu')  # killed while writing
     train.main([*run_args, "--init_from=resume", "--max_iters=3"])
     assert [strict(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 3]
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_previous_checkpoint_loads(corpus, tmp_path):
+    """A file-size limit (ulimit -f) below the checkpoint's size: the write fails mid-file; the run ends with one
+    line naming the checkpoint and the cause, and the previous checkpoint (step 2) is whole."""
+    import resource
+
+    run_args = train_args(corpus, tmp_path, "--max_iters=2", "--eval_interval=2", "--export_hf=False")
+    train.main(run_args)
+    size = (tmp_path / "ckpt.pt").stat().st_size
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    r = subprocess.run([sys.executable, "train.py", *run_args, "--init_from=resume", "--max_iters=4"], cwd=ROOT,
+                       text=True, capture_output=True, preexec_fn=small_files, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = one_line_error(r, str(tmp_path / "ckpt.pt"), "cannot write the checkpoint", "File too large",
+                          "the previous checkpoint is kept")
+    assert line.startswith("error: ") and r.stderr.count("error: ") == 1
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_bad_token_mid_run_checkpoints_the_last_good_step(corpus, tmp_path):
+    """A token id beyond the vocabulary at step 3 (and only there): the run stops with the id and the file named,
+    after checkpointing step 2, so no progress is lost."""
+    import numpy as np
+
+    data_dir = data_copy(corpus, tmp_path)
+    train_file = data_dir / "train.bin"
+    blocks = data.Blocks(str(train_file), "uint16", 32, 42)
+    bad_block = int(blocks.block_ids(16, 4)[0])  # step 3's first block (8 blocks a step)
+    tokens = np.memmap(train_file, dtype=np.uint16, mode="r+")
+    tokens[bad_block * 32 + 5] = 65535
+    tokens.flush()
+    del tokens
+    with pytest.raises(UserError, match=r"train.bin: token id 65535.*stopped before step 3: the checkpoint .*ckpt.pt "
+                                        r"holds step 2"):
+        train.main(train_args(corpus, tmp_path / "out", f"--data_dir={data_dir}", "--max_iters=6",
+                              "--eval_interval=100"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["pos"]) == (2, 16)
+
+
+def test_an_error_before_training_is_printed_once_under_torchrun(corpus, tmp_path):
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                *train_args(corpus, tmp_path, "--max_iters=-1")], env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and r.stderr.count("error: max_iters=-1, expected") == 1, r.stderr[-3000:]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, metrics, run_py, train_args as args, weights
+from conftest import ROOT, eltec_texts, metrics, run_py, train_args as args, weights
 from safetensors.torch import load_file
 
 import data
@@ -130,6 +130,12 @@ def test_plan_spends_max_iters_or_the_token_budget():
     emb, full = train.plan_phases(cfg, train_blocks=10**6)
     spent = emb.steps * 512 + full.steps * 8 * 4 * 512
     assert emb.steps == math.ceil(0.1 * (emb.steps + full.steps)) and 16384000 - 8 * 4 * 512 < spent <= 16384000
+    for unit in ("steps", "tokens"):  # the budget to within one step, never over (both phases used to round up)
+        cfg = train.parse_config(["--embedding_tuning_frac=0.1", f"--phase_unit={unit}", "--max_tokens=20000",
+                                  "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2",
+                                  "--embedding_batch_size=1", "--embedding_gradient_accumulation_steps=1"])
+        emb, full = train.plan_phases(cfg, train_blocks=10**6)
+        assert 20000 - 4 * 2 * 32 < emb.steps * 32 + full.steps * 4 * 2 * 32 <= 20000, unit
     cfg = train.parse_config(["config/oscar_de_variable_batch_size.py", "--max_iters=0", "--epochs=1.0"])
     emb, full = train.plan_phases(cfg, train_blocks=64_000, world_size=2)
     assert (emb.grad_accum, full.grad_accum, emb.steps, full.steps) == (2, 4, 3200, 900)
@@ -235,10 +241,12 @@ def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
     """DDP on CPU (gloo) through train_variable_bs.py, whose embedding phase accumulates 1 micro-batch, fewer than
     the processes: each runs one (a step of 2 x 1 sequences). Ranks stay identical through the switch, and the run
     equals a single process with the same global batch (the same blocks per step, gradients averaged instead of
-    accumulated)."""
+    accumulated), and the periodic evaluation scores the same blocks (split across the processes): the start's
+    validation loss is the single process's."""
     from train_variable_bs import VARIABLE_BATCH_DEFAULTS
 
-    common = args(corpus, tmp_path, "--max_iters=8", "--eval_interval=4", "--embedding_tuning_frac=0.5")
+    common = args(corpus, tmp_path, "--max_iters=8", "--eval_interval=4", "--embedding_tuning_frac=0.5",
+                  "--eval_at_start=True")
     r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_variable_bs.py",
                 *[a.replace(str(tmp_path), str(tmp_path / "ddp")) for a in common]], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -250,6 +258,8 @@ def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
     train.main([*[a.replace(str(tmp_path), str(tmp_path / "single")) for a in common],
                 "--embedding_gradient_accumulation_steps=2"], defaults=VARIABLE_BATCH_DEFAULTS)
     assert json.loads((tmp_path / "single" / "summary.json").read_text())["tokens"] == summary["tokens"]
+    start_val = [[m["val_loss"] for m in metrics(tmp_path / run) if m["step"] == 0] for run in ("ddp", "single")]
+    assert len(start_val[0]) == 1 and start_val[0] == pytest.approx(start_val[1], abs=1e-6)
     ddp_w, single_w = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for name in single_w:
         torch.testing.assert_close(ddp_w[name], single_w[name], rtol=1e-4, atol=1e-5)
@@ -272,7 +282,7 @@ def test_clear_errors(corpus, tmp_path, eltec_tokenizers):
         train.main(args(corpus, tmp_path, "--embeding_tuning_frac=0.1"))
     with pytest.raises(UserError, match="data directory not found"):
         train.main([*args(corpus, tmp_path), f"--data_dir={tmp_path / 'nope'}"])
-    with pytest.raises(UserError, match="max_iters='ten' is a str, expected a int"):
+    with pytest.raises(UserError, match="max_iters='ten' is a str, expected an int"):
         train.main(args(corpus, tmp_path, "--max_iters=ten"))
     # a model whose tokenizer is not the one the data was made with
     other = tmp_path / "english-model"
@@ -299,3 +309,88 @@ def test_compiled_run_across_the_switch(corpus, tmp_path, monkeypatch):
     for name in start:
         assert not torch.equal(compiled[name], start[name]), f"{name} did not train in the compiled run"
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fresh_run_into_a_finished_run_refuses_and_override_replaces_it(corpus, tmp_path, capsys):
+    """A fresh run (a rerun after Ctrl-C without init_from=resume, a config with a fixed out_dir) never destroys a
+    run: it stops before anything loads and every file stays; override=True moves the old run aside until the new
+    run's first checkpoint, then deletes it. An out_dir that is a file is an error before anything loads too."""
+    train.main(args(corpus, tmp_path, "--max_iters=4", "--eval_interval=2"))
+    files = ["ckpt.pt", "metrics.jsonl", "summary.json", "hf/model.safetensors"]
+    before = {f: (tmp_path / f).read_bytes() for f in files}
+    with pytest.raises(UserError, match=r"holds a run \(ckpt.pt, hf, metrics.jsonl, summary.json\).*"
+                                        r"--init_from=resume.*--override=True"):
+        train.main(args(corpus, tmp_path, "--max_iters=2"))
+    assert {f: (tmp_path / f).read_bytes() for f in files} == before
+    (tmp_path / "ckpt.pt").unlink()  # killed before its first checkpoint: the metrics alone are a run
+    with pytest.raises(UserError, match=r"holds a run \(hf, metrics.jsonl, summary.json\)"):
+        train.main(args(corpus, tmp_path, "--max_iters=2"))
+
+    train.main(args(corpus, tmp_path, "--max_iters=2", "--eval_interval=2", "--override=True"))
+    assert "moved to" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # the old run went with the first checkpoint
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="out_dir=.*a-file' is a file, expected a directory"):
+        train.main(args(corpus, tmp_path / "a-file"))
+
+
+def test_resume_refuses_changes_that_corrupt_the_run_and_accepts_a_longer_one(corpus, tmp_path, capsys):
+    """Keys that give the saved state its meaning (block_size: the data position counts blocks) are refused with
+    both values; a longer max_iters continues; a length that would move the phase boundary under steps already
+    taken is refused."""
+    run_args = args(corpus, tmp_path, "--max_iters=4", "--eval_interval=2")
+    train.main(run_args)
+    with pytest.raises(UserError, match=r"init_from=resume: block_size=16 \(saved: 32\), seed=1 \(saved: 42\) "
+                                        "would change what the saved state"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=6", "--block_size=16", "--seed=1"])
+    capsys.readouterr()
+    train.main([*run_args, "--init_from=resume", "--max_iters=6"])
+    assert "resume: max_iters 4 -> 6" in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4, 5, 6]
+
+    phased = args(corpus, tmp_path / "phased", "--max_iters=4", "--eval_interval=2", "--embedding_tuning_frac=0.5")
+    train.main(phased)  # embedding steps 0..1: at max_iters=8 they would be 0..3, with steps 2..3 taken in full
+    with pytest.raises(UserError, match="embedding phase would be steps 0..3, but the saved run at step 4 has taken "
+                                        "2 embedding steps"):
+        train.main([*phased, "--init_from=resume", "--max_iters=8"])
+
+
+def test_resume_refuses_data_made_with_another_tokenizer(corpus, tmp_path, eltec_tokenizers):
+    """The data directory rebuilt with another tokenizer under the same path: a resume refuses it as a fresh run
+    does, instead of training on the wrong ids and exporting the old tokenizer."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(corpus / "data", data_dir)
+    run_args = args(corpus, tmp_path / "run", f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2")
+    train.main(run_args)
+    (tmp_path / "english").mkdir()
+    for i, text in enumerate(eltec_texts("eng")):
+        (tmp_path / "english" / f"{i}.txt").write_text(text[:30_000])
+    data.prepare([str(tmp_path / "english" / "*.txt")], str(data_dir), str(eltec_tokenizers["eng"]), subsample_size_mb=0.05,
+                 valid_percent=20, progress=False, override=True)
+    with pytest.raises(UserError, match="was tokenized with .* but the model .*ckpt.pt .* has a different tokenizer"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+
+
+def test_help_lists_every_key_with_its_default_and_comment():
+    for script, defaults in (("train.py", train.TrainConfig()), ("train_variable_bs.py", None)):
+        r = run_py([script, "--help"])
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        for f in train.fields(train.TrainConfig):
+            assert f"  --{f.name}=" in r.stdout, f.name
+        if defaults:
+            assert "  --block_size=512" in r.stdout and "# sequences per micro-batch per process" in r.stdout
+            assert "\n# system\n" in r.stdout
+        else:
+            assert "  --phase_unit='tokens'" in r.stdout  # its own defaults
+    assert run_py(["train.py", "-h"]).stdout.startswith("Pre-train")
+    with pytest.raises(UserError, match="-x: expected a config file or --key=value"):
+        train.parse_config(["-x"])
+    assert train.parse_config(["--max_iters=1e3"]).max_iters == 1000
+    with pytest.raises(UserError, match="expected an int"):
+        train.parse_config(["--max_iters=ten"])
