@@ -91,14 +91,16 @@ MODES["init-quick"] = dict(MODES["quick"], variants=INIT_VARIANTS, out="out/demo
 
 
 def claim_out(out, mode_name, mode):
-    """The stages kept in `out` are those of one mode and its sizes (demo_mode.json): another mode's are not done
-    stages of this one, so a demo of another mode (or of changed sizes) into it is refused."""
+    """The stages kept in `out` are those of one size of the demo (demo_mode.json: its sizes and budgets): stages of
+    other sizes are not done stages of this one, so a demo of other sizes into it is refused. DEMO=init shares the
+    stages of the demo of its size (quick and init-quick, default and init), so it only trains what is new."""
     path = os.path.join(out, "demo_mode.json")
-    settings = json.loads(json.dumps({"mode": mode_name, **mode}))
-    if os.path.isfile(path) and read_json(path) != settings:
-        raise UserError(f"{out} holds the stages of a --mode {read_json(path).get('mode')} demo (or of other sizes, "
-                        f"{path}): give --mode {mode_name} its own --out, or delete {out}")
-    write_json(path, settings)
+    sizes = json.loads(json.dumps({k: v for k, v in mode.items() if k not in ("variants", "out", "suffix")}))
+    saved = read_json(path) if os.path.isfile(path) else None
+    if saved is not None and saved.get("sizes") != sizes:
+        raise UserError(f"{out} holds the stages of a --mode {saved.get('mode')} demo (or of other sizes, {path}): "
+                        f"give --mode {mode_name} its own --out, or delete {out}")
+    write_json(path, {"mode": saved["mode"] if saved else mode_name, "sizes": sizes})
 
 
 def stage(name, done):

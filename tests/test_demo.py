@@ -72,9 +72,12 @@ def test_a_demo_of_another_mode_does_not_reuse_the_stages(tmp_path, monkeypatch)
     """A --mode default demo into a --mode quick demo's folder would count every stage as done and report the quick
     run's numbers as the default demo's: refused before any stage runs (the same mode goes on)."""
     monkeypatch.setattr(demo, "prepare_data", lambda *a: pytest.fail("no stage may run"))
-    (tmp_path / "demo_mode.json").write_text(json.dumps({"mode": "quick", **demo.MODES["quick"]}))
-    with pytest.raises(UserError, match=f"{tmp_path} holds the stages of a --mode quick demo"):
-        demo.main(["--mode", "default", "--out", str(tmp_path)])
+    sizes = {k: v for k, v in demo.MODES["quick"].items() if k not in ("variants", "out", "suffix")}
+    (tmp_path / "demo_mode.json").write_text(json.dumps({"mode": "quick", "sizes": sizes}))
+    for other in ("default", "init"):
+        with pytest.raises(UserError, match=f"{tmp_path} holds the stages of a --mode quick demo"):
+            demo.main(["--mode", other, "--out", str(tmp_path)])
     monkeypatch.setattr(demo, "prepare_data", lambda *a: (_ for _ in ()).throw(RuntimeError("went on")))
-    with pytest.raises(RuntimeError, match="went on"):
-        demo.main(["--mode", "quick", "--out", str(tmp_path)])
+    for same_size in ("quick", "init-quick"):  # DEMO=init-quick reuses the quick demo's stages
+        with pytest.raises(RuntimeError, match="went on"):
+            demo.main(["--mode", same_size, "--out", str(tmp_path)])
