@@ -3,7 +3,7 @@
 # The study's pipeline, each step a file target (a finished step is not redone):
 #   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
-#   make train     train.py $(CONFIG) (after init and data); NPROC=8 runs it under torchrun
+#   make train     train.py $(CONFIG) (after init and data); NPROC=8 runs it under torchrun, PARALLELISM=fsdp shards it
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
 #   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
@@ -26,11 +26,12 @@ DATA_DIR ?= data/oscar_de
 CONFIG ?= config/oscar_de_embedding_tuning.py
 ARGS ?=
 NPROC ?= 1
+PARALLELISM ?=
 MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
 
-.PHONY: install test init init-random data train eval demo bench
+.PHONY: install test test-gpu init init-random data train eval demo bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ install:
 
 test:
 	$(PY) -m pytest -q tests
+
+test-gpu:  # the GPU path (tests/test_gpu.py): needs a CUDA device
+	$(PY) -m pytest -q -m gpu tests
 
 init: $(INIT_DIR)/config.json
 $(INIT_DIR)/config.json:
@@ -56,11 +60,12 @@ $(DATA_DIR)/meta.json:
 	$(PY) data.py --dataset_name '$(DATA_SOURCE)' --dataset_revision $(DATA_REVISION) \
 	    --tokenizer $(HELPER_MODEL) --output_dir $(DATA_DIR) --subsample_size_mb $(DATA_MB) --valid_percent 10
 
+TRAIN_ARGS = $(if $(PARALLELISM),--parallelism=$(PARALLELISM)) $(ARGS)
 train: init data
 ifeq ($(NPROC),1)
-	$(PY) train.py $(CONFIG) $(ARGS)
+	$(PY) train.py $(CONFIG) $(TRAIN_ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(CONFIG) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(CONFIG) $(TRAIN_ARGS)
 endif
 
 eval:
