@@ -3,7 +3,8 @@
 # The study's pipeline, each step a file target (a finished step is not redone):
 #   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
-#   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun
+#   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
+#                  PARALLELISM=fsdp shards it
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
 #   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute; DEMO=init: the initialisations compared)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
@@ -26,11 +27,12 @@ DATA_DIR ?= data/oscar_de
 CONFIG ?= config/oscar_de_embedding_tuning.py
 ARGS ?=
 NPROC ?= 1
+PARALLELISM ?=
 MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
 
-.PHONY: install test init init-random data train eval demo bench
+.PHONY: install test test-gpu init init-random data train eval demo bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,9 @@ install:
 
 test:
 	$(PY) -m pytest -q tests
+
+test-gpu:  # the GPU path (tests/test_gpu.py): needs a CUDA device
+	$(PY) -m pytest -q -m gpu tests
 
 init: $(INIT_DIR)/config.json
 $(INIT_DIR)/config.json:
@@ -64,12 +69,13 @@ TRAIN_NEEDS = $(PY) -c 'import sys, train; from common import run_cli; \
 	(cfg.init_from, cfg.init_from, cfg.data_dir)) if path == named])' \
 	'$(INIT_DIR)' '$(RANDOM_INIT_DIR)' '$(DATA_DIR)' $(CONFIG) $(ARGS)
 
+TRAIN_ARGS = $(if $(PARALLELISM),--parallelism=$(PARALLELISM)) $(ARGS)
 train:
 	+@needs="$$($(TRAIN_NEEDS))" && if [ -n "$$needs" ]; then $(MAKE) --no-print-directory $$needs; fi
 ifeq ($(NPROC),1)
-	$(PY) train.py $(CONFIG) $(ARGS)
+	$(PY) train.py $(CONFIG) $(TRAIN_ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(CONFIG) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(CONFIG) $(TRAIN_ARGS)
 endif
 
 eval:

@@ -10,9 +10,15 @@ machine. Prints a table and writes out/bench/bench.json (ratios > 1: ours faster
                                  and scaled linearly) at 50k vocabulary, half shared, width 1024
     data_vs_tokenizers_ceiling   data.py's tokens/s against a bare `tokenizers` encode_batch loop over the same text
                                  (German ELTeC: $ELTEC_DIR/deu when set, else the slices in tests/data/eltec)
-    mfu, tokens_per_s            Pythia-160m and -410m shapes, bf16, compiled, T=2048, on a CUDA device (else null)
+    mfu, tokens_per_s            Pythia-160m and -410m shapes, bf16, compiled, T=2048, on a CUDA device (else null;
+                                 mfu null too on a card whose peak FLOPS train.PEAK_FLOPS does not know)
+    fsdp_vs_ddp_peak_memory_per_rank  train.py's FSDP against its DDP, 2 CPU processes (gloo), Pythia-160m shape,
+                                 fp32 AdamW: the largest per-rank peak RSS of the training steps (lower: FSDP leaner)
 
-    python bench.py [--quick] [--only train,phases,clp,data,gpu] [--out out/bench]
+    what_fits                    for Pythia 410m to 12b on 80 GB cards: the largest micro-batch per rank under DDP and
+                                 FSDP over 8 GPUs, without and with activation checkpointing (train.py's memory model)
+
+    python bench.py [--quick] [--only train,phases,clp,data,gpu,fsdp,fits] [--out out/bench]
 """
 
 import argparse
@@ -27,12 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from common import UserError, run_cli, write_json
+from common import UserError, run_cli, torch_dtype, write_json
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,10 +96,16 @@ def synthetic_data(path, vocab, n_tokens, val_tokens=8192, seed=0):
     return path
 
 
-def child(name, *args):
-    """Run `bench.py --child name args...` in a fresh process (its own peak memory); it prints one JSON line last."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--child", name, *map(str, args)], cwd=HERE,
-                       capture_output=True, text=True)
+def child(name, *args, nproc=0, env=None, timeout=1800):
+    """Run `bench.py --child name args...` in a fresh process (its own peak memory), or in nproc processes under
+    torchrun; it prints one JSON line last (rank 0's). A child that hangs is killed after `timeout` seconds."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                                  "--no-python", sys.executable] if nproc else [])
+    try:
+        r = subprocess.run([*launch, os.path.join(HERE, "bench.py"), "--child", name, *map(str, args)], cwd=HERE,
+                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"benchmark child {name} did not finish in {timeout} s") from None
     if r.returncode:
         raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -241,7 +254,7 @@ def saved_activation_bytes(model, B, T):
     sizes = {}
 
     def pack(t):
-        if id(t) not in params:
+        if id(t) not in params and id(t._base) not in params:  # a weight's view (its transpose) is the weight
             sizes[id(t)] = t.numel() * t.element_size()
         return t
 
@@ -422,33 +435,192 @@ def bench_gpu(work, quick):
         out_dir = os.path.join(work, f"gpu-{name}")
         kw = dict(shape, block_size=2048, batch_size=batch, gradient_accumulation_steps=1)
         r = child("train_run", data_dir, out_dir, "bfloat16", 20, json.dumps(kw | {"compile": True}))
-        rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if '"mfu"' in line][5:]
-        results[name] = {"tokens_per_s": r["tokens_per_s"], "mfu": statistics.median(x["mfu"] for x in rows),
-                         "batch": batch, "block_size": 2048}
+        results[name] = gpu_figures(os.path.join(out_dir, "metrics.jsonl"), r["tokens_per_s"],
+                                    torch.cuda.get_device_name(), batch)
+    return results
+
+
+def gpu_figures(metrics_path, tokens_per_s, device, batch):
+    """A GPU run's figures: the median MFU of its steps after the first five (compile, warm-up); on a card whose peak
+    train.PEAK_FLOPS does not know the steps have no MFU, and it is null with the reason."""
+    rows = [json.loads(line) for line in open(metrics_path) if '"dt_s"' in line][5:]
+    mfu = [x["mfu"] for x in rows if "mfu" in x]
+    figures = {"tokens_per_s": tokens_per_s, "mfu": statistics.median(mfu) if mfu else None, "batch": batch,
+               "block_size": 2048, "device": device}
+    if not mfu:
+        figures["mfu_skipped"] = f"peak FLOPS of {device} unknown (train.PEAK_FLOPS; device_peak_flops sets it)"
+    return figures
+
+
+# -----------------------------------------------------------------------------
+# 6. FSDP against DDP: memory per rank
+
+
+def proc_status(field):
+    """A /proc/self/status figure in bytes (VmRSS: now; VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
+
+
+def fsdp_memory_child(parallelism, shape, steps):
+    """(Under torchrun, 2 CPU processes.) train.py's own pieces (build_model, wrap, train_step, its AdamW) for a few
+    steps: the largest per-rank peak RSS during the steps over the RSS before the model was built (model, gradients,
+    optimizer state, activations; not the one-off load on rank 0), and the parameter and optimizer-state bytes a rank
+    holds. Prints on rank 0 only."""
+    import torch.distributed as dist
+
+    import train
+
+    cfg = train.TrainConfig(parallelism=parallelism, init_from="scratch", dtype="float32", device="cpu",
+                            backend="gloo", **json.loads(shape), block_size=128)
+    rt = train.setup_processes(cfg)
+    base = proc_status("VmRSS")  # the interpreter, torch and gloo
+    model, _, _ = train.build_model(cfg, {"vocab_size": cfg.vocab_size, "eos_token_id": 0}, None, "", rt)
+    optimizer = train.configure_optimizer(model, cfg, "cpu")
+    wrapped = train.wrap(model, cfg, True, 0, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:  # the peak from here on: training, not loading
+        f.write("5")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(int(steps)):
+        x = torch.randint(0, cfg.vocab_size, (1, 129))
+        train.train_step(wrapped, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], cfg.learning_rate, cfg, rt)
+    mine = torch.tensor([proc_status("VmHWM") - base, train.local_bytes(model.parameters()),
+                         train.local_bytes(v for s in optimizer.state.values() for v in s.values())],
+                        dtype=torch.float64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    dist.destroy_process_group()
+    if rt.master:
+        return {"peak_growth_bytes": mine[0].item(), "param_bytes": mine[1].item(),
+                "optimizer_state_bytes": mine[2].item()}
+    return None
+
+
+# what fits where: train.py's memory by its own accounting, for the Pythia suite on 80 GB cards
+PYTHIA = {"410m": dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304),
+          "1.4b": dict(n_layer=24, n_head=16, n_embd=2048, vocab_size=50304),
+          "2.8b": dict(n_layer=32, n_head=32, n_embd=2560, vocab_size=50304),
+          "6.9b": dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=50432),
+          "12b": dict(n_layer=36, n_head=40, n_embd=5120, vocab_size=50688)}
+
+
+class FlashAttentionMemory(torch.autograd.Function):
+    """A stand-in for scaled_dot_product_attention in a memory trace: what flash attention (SDPA on a GPU) keeps for
+    backward, q, k, v, the output and an fp32 log-sum-exp per row. The math path a meta-device trace takes would keep
+    the T x T attention matrix instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+def flash_attention_memory(q, k, v, is_causal=True):
+    return FlashAttentionMemory.apply(q, k, v)
+
+
+def memory_model(shape, dtype="bfloat16", block_size=2048):
+    """train.py's training memory, per parameter and per token, from its own code: parameters counted on the meta
+    device, the activations autograd saves for backward traced there (at two lengths: the slope is per token), with
+    and without activation checkpointing, plus the logits' fp32 gradient. The model is traced in `dtype` (autocast
+    does not act on the meta device; on a GPU it keeps a few ops in fp32: an approximation), the logits upcast for
+    the loss as in train.py, attention as flash attention keeps it. Returns n_params, the largest FSDP group and a
+    block's parameters, and activation bytes per token (plain; checkpointed, which includes one block recomputed in
+    backward)."""
+    import train
+
+    config = GPTConfig(**{"intermediate_size": 4 * shape["n_embd"], **shape}, block_size=block_size)
+    per_token = {}
+    for checkpointed in (False, True):
+        with torch.device("meta"):
+            model = GPT(config).to(torch_dtype(dtype))
+        if checkpointed:
+            train.apply_activation_checkpointing(model)
+        with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", flash_attention_memory):
+            half, full = [saved_activation_bytes(model, 1, t) for t in (block_size // 2, block_size)]
+        per_token[checkpointed] = (full - half) / (block_size - block_size // 2)
+    per_block = (per_token[False] - per_token[True]) / config.n_layer  # what one block keeps, per token
+    block = sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    return {"n_params": sum(p.numel() for p in model.parameters()), "block_params": block,
+            "largest_group": max(model.gpt_neox.embed_in.weight.numel(), model.embed_out.weight.numel(), block),
+            "activation_bytes_per_token": per_token[False] + 4 * config.vocab_size,
+            "checkpointed_activation_bytes_per_token": per_token[True] + per_block + 4 * config.vocab_size}
+
+
+def bytes_per_gpu(m, parallelism, world_size, checkpointed, tokens, param_bytes=2):
+    """Peak bytes of one rank for a step of `tokens` tokens per micro-batch: fp32 master weights, fp32 gradients and
+    AdamW's two fp32 moments (16 B per parameter; FSDP: 1/world_size of them); under DDP autocast's weight copies
+    in a 2-byte dtype (param_bytes each, kept for backward), under FSDP the largest group unsharded with its unsharded gradient (param_bytes each: the
+    compute dtype's) and an fp32 reduce buffer, and the next block prefetched; the activations."""
+    states = 16 * m["n_params"] / (world_size if parallelism == "fsdp" else 1)
+    if parallelism == "fsdp":
+        transient = m["largest_group"] * (2 * param_bytes + 4) + m["block_params"] * param_bytes
+    else:
+        transient = m["n_params"] * param_bytes if param_bytes < 4 else 0
+    per_token = m["checkpointed_activation_bytes_per_token" if checkpointed else "activation_bytes_per_token"]
+    return states + transient + per_token * tokens
+
+
+def what_fits(card_bytes=80e9, world_size=8, block_size=2048, usable=0.9):
+    """For each Pythia size: the largest micro-batch (sequences of block_size) one rank fits in `usable` of a card,
+    under DDP and under FSDP over world_size GPUs, without and with activation checkpointing (0: does not fit)."""
+    rows = {}
+    for name, shape in PYTHIA.items():
+        m = memory_model(shape, block_size=block_size)
+        fits = {}
+        for parallelism in ("ddp", "fsdp"):
+            for checkpointed in (False, True):
+                fixed = bytes_per_gpu(m, parallelism, world_size, checkpointed, 0)
+                per_seq = bytes_per_gpu(m, parallelism, world_size, checkpointed, block_size) - fixed
+                fits[f"{parallelism}{'+ac' if checkpointed else ''}"] = max(0, int((usable * card_bytes - fixed)
+                                                                                 // per_seq))
+        rows[name] = {**m, "ddp_state_bytes_per_gpu": bytes_per_gpu(m, "ddp", world_size, False, 0),
+                      "fsdp_state_bytes_per_gpu": bytes_per_gpu(m, "fsdp", world_size, False, 0),
+                      "max_micro_batch": fits}
+    return rows
+
+
+def bench_fsdp(quick):
+    """fsdp_memory_child under DDP and under FSDP: FSDP should need about half; the unsharded group in flight, its
+    gradients and the activations make it somewhat more."""
+    shape = dict(PYTHIA_160M, n_layer=4) if quick else PYTHIA_160M
+    results = {}
+    for parallelism in ("ddp", "fsdp"):  # a fixed mmap threshold: freed tensors go back to the system, RSS shows
+        results[parallelism] = child("fsdp_memory", parallelism, json.dumps(shape), 1 if quick else 2, nproc=2,
+                                     env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 17)})
+    results["ratio"] = results["fsdp"]["peak_growth_bytes"] / results["ddp"]["peak_growth_bytes"]
+    m = memory_model(shape, "float32", 128)  # the memory model's figures for this run (fp32, 1 x 128 tokens)
+    for parallelism in ("ddp", "fsdp"):
+        results[parallelism]["predicted_bytes"] = bytes_per_gpu(m, parallelism, 2, False, 128, param_bytes=4)
+    results["ratio_predicted"] = results["fsdp"]["predicted_bytes"] / results["ddp"]["predicted_bytes"]
+    results["shape"] = shape
     return results
 
 
 # -----------------------------------------------------------------------------
 
 CHILDREN = {"train_run": train_run_child, "train_vs_hf": train_vs_hf_child, "phase_memory": phase_memory_child,
-            "phase_time": phase_time_child, "clp": clp_child}
+            "phase_time": phase_time_child, "clp": clp_child, "fsdp_memory": fsdp_memory_child}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer steps (a smoke test, not figures)")
-    p.add_argument("--only", default="train,phases,clp,data,gpu", help="comma-separated parts to run")
+    p.add_argument("--only", default="train,phases,clp,data,gpu,fsdp,fits", help="comma-separated parts to run")
     p.add_argument("--out", default="out/bench")
     p.add_argument("--child", choices=CHILDREN, help="(internal) run one measurement in this process, print JSON")
     p.add_argument("child_args", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child](*args.child_args)))
+        out = CHILDREN[args.child](*args.child_args)
+        if out is not None:  # (under torchrun: rank 0's)
+            print(json.dumps(out))
         return None
     parts = set(args.only.split(","))
-    unknown = parts - {"train", "phases", "clp", "data", "gpu"}
+    unknown = parts - {"train", "phases", "clp", "data", "gpu", "fsdp", "fits"}
     if unknown:
-        raise UserError(f"--only: unknown parts {', '.join(sorted(unknown))} (known: train, phases, clp, data, gpu)")
+        raise UserError(f"--only: unknown parts {', '.join(sorted(unknown))} (known: train, phases, clp, data, gpu, "
+                        "fsdp, fits)")
     result = {"machine": machine(), "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         if "train" in parts:
@@ -476,6 +648,13 @@ def main(argv=None):
             result["gpu"] = gpu if gpu else {"skipped": "no CUDA device"}
             result["mfu"] = {k: v["mfu"] for k, v in gpu.items()} if gpu else None  # null: see gpu.skipped
             result["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in gpu.items()} if gpu else None
+        if "fsdp" in parts:
+            print("FSDP against DDP, memory per rank (2 processes) ...", flush=True)
+            result["fsdp"] = bench_fsdp(args.quick)
+            result["fsdp_vs_ddp_peak_memory_per_rank"] = result["fsdp"]["ratio"]
+        if "fits" in parts:
+            print("what fits on 80 GB cards (the memory model) ...", flush=True)
+            result["what_fits"] = what_fits()
     path = os.path.join(args.out, "bench.json")
     write_json(path, result)
     print(table(result))
@@ -519,9 +698,23 @@ def table(r):
     if "gpu" in r:
         if "skipped" not in r["gpu"]:
             for k, v in r["gpu"].items():
-                row(f"mfu {k} (bf16, compile, T=2048)", f"{v['mfu']:.1%}", f"{v['tokens_per_s']:,.0f} tok/s")
+                row(f"mfu {k} (bf16, compile, T=2048)", "null" if v["mfu"] is None else f"{v['mfu']:.1%}",
+                    f"{v['tokens_per_s']:,.0f} tok/s on {v['device']}" + (f"; {v['mfu_skipped']}" if v["mfu"] is None
+                                                                          else ""))
         else:
             row("mfu / tokens_per_s (GPU)", "null", "no CUDA device")
+    if "fsdp" in r:
+        f = r["fsdp"]
+        row("fsdp_vs_ddp_peak_memory_per_rank", f"{f['ratio']:.2f}",
+            f"peak RSS growth {f['fsdp']['peak_growth_bytes'] / 2**30:.2f} GiB vs "
+            f"{f['ddp']['peak_growth_bytes'] / 2**30:.2f} GiB; parameters + Adam state per rank "
+            f"{(f['fsdp']['param_bytes'] + f['fsdp']['optimizer_state_bytes']) / 2**30:.2f} GiB vs "
+            f"{(f['ddp']['param_bytes'] + f['ddp']['optimizer_state_bytes']) / 2**30:.2f} GiB; the memory model "
+            f"predicts {f['fsdp']['predicted_bytes'] / 2**30:.2f} vs {f['ddp']['predicted_bytes'] / 2**30:.2f} GiB "
+            f"({f['ratio_predicted']:.2f})")
+    for name, m in r.get("what_fits", {}).items():
+        row(f"what_fits pythia-{name}", f"{m['n_params'] / 1e9:.2f}B",
+            "max micro-batch x 2048 per 80 GB rank: " + ", ".join(f"{k} {v}" for k, v in m["max_micro_batch"].items()))
     return "\n".join(lines)
 
 

@@ -1,15 +1,18 @@
 """
 Pre-train a GPT-NeoX progressively: an optional embedding phase (transformer frozen, only the token embeddings train,
-at their own learning rate, schedule and batch size), then the full model. One process or DDP under torchrun.
+at their own learning rate, schedule and batch size), then the full model. One process, or DDP or FSDP2
+(parallelism='fsdp') under torchrun.
 
     python train.py config/oscar_de_embedding_tuning.py --max_iters=1000
     torchrun --standalone --nproc_per_node=8 train.py config/oscar_de_embedding_tuning.py
+    torchrun --standalone --nproc_per_node=8 train.py config/oscar_de_embedding_tuning.py --parallelism=fsdp
 
 Config: the defaults in TrainConfig below, then each config file (python assignments) in order, then --key=value.
 """
 
 import ast
 import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -32,8 +35,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
-from common import (UserError, atomic_dir, atomic_path, exp, json_safe, load_tokenizer, resolve_model_dir, round_up,
-                    run_cli, save_tokenizer, tokenizer_sha256, torch_dtype, write_json)
+from common import (UserError, atomic_dir, atomic_path, exp, json_safe, load_tokenizer, read_json, resolve_model_dir,
+                    round_up, run_cli, save_tokenizer, tokenizer_sha256, torch_dtype, write_json)
 from model import GPT, GPTConfig
 
 
@@ -94,6 +97,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32) | bfloat16 | float16 | float32
     compile: bool = False
+    parallelism: str = "ddp"  # with several processes: ddp (replicas) | fsdp (FSDP2: params, grads, Adam sharded)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     backend: str = "auto"  # DDP backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
     ddp_timeout_s: int = 600  # a rank that waits this long for a dead peer exits with an error
     device_peak_flops: float = 0.0  # for MFU, at the run's dtype; 0: looked up for known GPUs, none on CPU
@@ -104,7 +109,8 @@ PHASE_KEYS = ("learning_rate", "warmup_frac", "lr_schedule", "batch_size", "grad
 SCHEDULES = ("cosine", "linear", "constant")
 CHOICES = {"lr_schedule": SCHEDULES + ("unified",), "embedding_lr_schedule": SCHEDULES,
            "phase_unit": ("steps", "tokens"), "warmup_relative_to": ("run", "phase"),
-           "dtype": ("auto", "bfloat16", "float16", "float32"), "backend": ("auto", "nccl", "gloo")}
+           "dtype": ("auto", "bfloat16", "float16", "float32"), "backend": ("auto", "nccl", "gloo"),
+           "parallelism": ("ddp", "fsdp")}
 # dense tensor-core peaks per card: (bf16 and fp16, TF32). float32 runs use the TF32 figure (the trainer turns TF32 on;
 # on these cards it is half the bf16 rate). The first matching name counts: H200 before H100, A100 before A10.
 PEAK_FLOPS = {"H200": (989e12, 494.7e12), "H100": (989e12, 494.7e12), "A100": (312e12, 156e12),
@@ -365,8 +371,8 @@ def wrap(raw_model, cfg, ddp, local_rank, device_type):
     if cfg.compile:
         torch._dynamo.reset()
         model = torch.compile(raw_model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if ddp and cfg.parallelism == "ddp":  # an FSDP model is sharded already (build_model)
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
     return model
 
 
@@ -381,13 +387,12 @@ def configure_optimizer(model, cfg, device_type):
 
 
 def forward_backward(model, batches, autocast, scaler, ddp, device):
-    """Forward and backward over one optimizer step's micro-batches [(x, y), ...], each loss scaled by 1/len so the
-    gradients are the mean's; under DDP they are all-reduced once, after the last micro-batch. Returns the mean loss
-    (a tensor: reading it is the caller's one sync)."""
+    """Forward and backward over one optimizer step's micro-batches [(x, y), ...] (on the device: StepBatches), each
+    loss scaled by 1/len so the gradients are the mean's; under DDP they are all-reduced once, after the last
+    micro-batch (FSDP reduce-scatters each one's). Returns the mean loss (a tensor: reading it is the caller's one
+    sync)."""
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
-        if device.startswith("cuda"):
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         with nullcontext() if not ddp or i == len(batches) - 1 else model.no_sync():
             with autocast:
                 _, loss = model(x, y)
@@ -395,6 +400,118 @@ def forward_backward(model, batches, autocast, scaler, ddp, device):
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+# -----------------------------------------------------------------------------
+# FSDP2, activation checkpointing, sharded checkpoints
+
+
+def apply_fsdp(model, dtype):
+    """FSDP2 (fully_shard), as torchtitan shards a transformer: each block, the input embedding, and the final
+    LayerNorm with the output head are one group each (unsharded together, just in time, then freed), the root
+    holds what is left. Frozen and trainable parameters may share a group: FSDP2 follows each parameter's
+    requires_grad at every step and reduces only the gradients that exist. bf16 runs compute in bf16 and reduce
+    gradients in fp32; the sharded master weights and the optimizer state stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if model.config.tie_word_embeddings:
+        raise UserError("parallelism='fsdp' needs untied input and output embeddings (as every Pythia model has)")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \
+        else MixedPrecisionPolicy()
+    for block in model.gpt_neox.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model.gpt_neox.embed_in, mp_policy=mp)
+    fully_shard([model.gpt_neox.final_layer_norm, model.embed_out], mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def apply_activation_checkpointing(model):
+    """Each block's forward runs under non-reentrant torch.utils.checkpoint: its activations are recomputed in
+    backward instead of kept. The block's own forward is wrapped (no wrapper module), so parameter names, state dicts
+    and checkpoints stay those of the plain model; under FSDP the recomputation runs while the block is unsharded."""
+    for block in model.gpt_neox.layers:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a small picklable object, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_sharded_checkpoint(path, model, optimizer, training):
+    """torch.distributed.checkpoint: every rank writes its own shards of the model and the optimizer, rank 0 adds
+    the training state (train_state.pt: step, position, config, rng, ...). All of it goes into path/step-N, built
+    under a temporary name, and only then does path/latest (replaced atomically) name it; older steps go after that.
+    So a kill at any moment leaves `latest` naming a complete checkpoint, the previous one while a write is under
+    way; what a killed write left (.tmp-*) is removed by the next save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    distributed = dist.is_initialized()
+    master = not distributed or dist.get_rank() == 0
+    name = f"step-{training['step']:08d}"
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with (atomic_dir(os.path.join(path, name)) if master else nullcontext()) as tmp:
+        tmp = broadcast_object(tmp) if distributed else tmp
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        if master:
+            with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
+                torch.save(training, f)
+                f.flush()
+                os.fsync(f.fileno())
+    if master:
+        with atomic_path(os.path.join(path, "latest")) as tmp, open(tmp, "w") as f:
+            f.write(name + "\n")
+        for old in os.listdir(path):
+            if old not in (name, "latest"):
+                shutil.rmtree(os.path.join(path, old), ignore_errors=True)
+
+
+def latest_sharded(path):
+    """The directory of the newest complete sharded checkpoint under `path`, or None."""
+    try:
+        with open(os.path.join(path, "latest")) as f:
+            latest = os.path.join(path, f.read().strip())
+    except OSError:
+        return None
+    return latest if os.path.isfile(os.path.join(latest, "train_state.pt")) else None
+
+
+def load_sharded_checkpoint(latest, model, optimizer):
+    """Model and optimizer from a sharded checkpoint directory, on any number of processes (DCP reshards). The
+    optimizer must have exactly the trainable parameters it had when saved (set_trainable with the saved phase): only
+    those have state in the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=latest)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_on_rank0(model):
+    """The whole model as a plain GPT on rank 0's CPU, its shards gathered one tensor at a time (cpu_offload: the
+    GPU never holds the full model); None on the other ranks. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        full = GPT(model.config)
+    full.load_state_dict(state, assign=True)
+    return full
+
+
+def local_bytes(tensors):
+    """Bytes this process holds of the tensors (a DTensor counts its local shard)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
 
 
 # -----------------------------------------------------------------------------
@@ -493,15 +610,19 @@ def setup_processes(cfg):
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout_s))
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
         if device_type == "cuda":
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout_s),
+                                device_id=torch.device(device) if device_type == "cuda" else None)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     check_accumulation(cfg, world_size, rank == 0)
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float16" and cfg.parallelism == "fsdp":  # its gradients would need a sharded GradScaler
+        raise UserError("parallelism='fsdp' trains in bfloat16 or float32, not float16 (set dtype=bfloat16)")
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch_dtype(dtype))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -605,7 +726,7 @@ def drop_replaced_runs(out_dir):
 RESUME_CHANGEABLE = ("out_dir", "init_from", "init_revision", "override", "max_iters", "max_tokens", "epochs",
                      "eval_interval", "eval_iters", "eval_at_start", "eval_only", "export_hf", "wandb_log",
                      "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend", "ddp_timeout_s",
-                     "device_peak_flops", "max_nonfinite_steps")
+                     "device_peak_flops", "max_nonfinite_steps", "parallelism", "activation_checkpointing")
 
 
 def check_resume_config(saved, cfg):
@@ -648,25 +769,36 @@ def check_resume_plan(phases, state, cfg):
 
 
 def load_checkpoint(ckpt_path):
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"init_from='resume': no checkpoint at {ckpt_path}")
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    """ckpt.pt, or, when the sharded checkpoint beside it (out_dir/ckpt, an FSDP run's) is newer (a run may have
+    changed its parallelism), that one's training state with its directory under 'sharded': its model and optimizer
+    are read later, into the built model (restore_training)."""
+    sharded_path = os.path.join(os.path.dirname(ckpt_path), "ckpt")
+    sharded = latest_sharded(sharded_path)
+    if sharded and (not os.path.isfile(ckpt_path) or os.path.getmtime(os.path.join(sharded, "train_state.pt"))
+                    >= os.path.getmtime(ckpt_path)):
+        ckpt_path = os.path.join(sharded, "train_state.pt")
+    elif os.path.isfile(ckpt_path):
+        sharded = None
+    else:
+        raise UserError(f"init_from='resume': no checkpoint at {ckpt_path} or {sharded_path}")
+    try:  # memory-mapped: the processes share one copy of the file in the page cache
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"{ckpt_path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
+    return {**checkpoint, "sharded": sharded}
 
 
-def build_model(cfg, meta, checkpoint, ckpt_path):
-    """The raw model (on the CPU, float32) from the checkpoint, from scratch or from init_from, checked against the
-    data; with the tokenizer directory the hf/ export copies and a name for the messages."""
+def build_model(cfg, meta, checkpoint, ckpt_path, rt):
+    """The raw model on the device (float32; sharded under FSDP) from the checkpoint, from scratch or from init_from,
+    checked against the data; with the tokenizer directory the hf/ export copies and a name for the messages. Every
+    process builds it on the meta device and allocates its own part (empty_model); rank 0 alone reads the weights
+    and broadcasts them (load_weights), so host memory holds one copy of the model file, not one per process."""
     if checkpoint is not None:
         model_config = GPTConfig(**checkpoint["model_config"])
         tokenizer_dir = checkpoint["tokenizer_dir"]
         if tokenizer_dir and cfg.export_hf:
             check_export_tokenizer(tokenizer_dir, f"{ckpt_path}: tokenizer_dir")
-        raw_model = GPT(model_config)
-        raw_model.load_state_dict(checkpoint["model"])
-        model_source = f"{ckpt_path} (from {checkpoint['config']['init_from']})"
+        model_source = f"{checkpoint['sharded'] or ckpt_path} (from {checkpoint['config']['init_from']})"
     elif cfg.init_from == "scratch":
         tokenizer_file = meta.get("tokenizer_file")  # relative to the data directory, or absolute
         tokenizer_dir = os.path.join(cfg.data_dir, tokenizer_file) if tokenizer_file else ""
@@ -677,12 +809,13 @@ def build_model(cfg, meta, checkpoint, ckpt_path):
                                  intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
                                  block_size=cfg.block_size, bos_token_id=meta["eos_token_id"],
                                  eos_token_id=meta["eos_token_id"])
-        raw_model = GPT(model_config)
         model_source = "scratch"
     else:
         tokenizer_dir = resolve_model_dir(cfg.init_from, cfg.init_revision or None)
-        raw_model = GPT.from_pretrained(tokenizer_dir)
-        model_config = raw_model.config
+        config_file = os.path.join(tokenizer_dir, "config.json")
+        if not os.path.isfile(config_file):
+            raise UserError(f"{tokenizer_dir}: no config.json (expected a Hugging Face model directory)")
+        model_config = GPTConfig.from_hf(read_json(config_file), source=config_file)
         model_source = cfg.init_from
         if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
             raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data "
@@ -694,13 +827,68 @@ def build_model(cfg, meta, checkpoint, ckpt_path):
     if cfg.block_size > model_config.block_size:
         raise UserError(f"block_size={cfg.block_size} exceeds the model's max_position_embeddings "
                         f"{model_config.block_size}")
+    raw_model = empty_model(model_config, cfg, rt)
+    load_weights(raw_model, initial_weights(model_config, cfg, checkpoint, tokenizer_dir) if rt.master else None, rt)
+    if rt.ddp and cfg.parallelism == "fsdp":
+        # FSDP2 fixes each group's gradient dtypes (bf16 grads reduced in fp32 into fp32 params) at its first forward,
+        # from the parameters that require grad then: a block frozen at that moment (the embedding phase) would hand
+        # bf16 gradients to its fp32 parameters after the switch. So the first forward runs now, nothing frozen yet.
+        with torch.no_grad():
+            raw_model(torch.zeros((1, 1), dtype=torch.long, device=rt.device))
     return raw_model, tokenizer_dir, model_source
 
 
-def restore_training(checkpoint, raw_model, optimizer, scaler, phase, cfg, rt):
-    """The optimizer and scaler state (loaded with the parameters trainable as they were when saved) and the rng."""
-    set_trainable(raw_model, phase, cfg)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+def empty_model(model_config, cfg, rt):
+    """The model built on the meta device (no memory), with activation checkpointing and, under FSDP, sharded, then
+    allocated on the device (uninitialised: load_weights fills it)."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if rt.ddp and cfg.parallelism == "fsdp":
+        apply_fsdp(model, rt.dtype)
+    model.to_empty(device=rt.device)
+    if model_config.tie_word_embeddings:  # to_empty allocates the shared tensor twice
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    return model
+
+
+def initial_weights(model_config, cfg, checkpoint, tokenizer_dir):
+    """Rank 0's full state dict: the checkpoint's (None for a sharded one: its weights come with the optimizer, in
+    restore_training), a random init (rank 0's seed), or init_from's."""
+    if checkpoint is not None:
+        return checkpoint.get("model")
+    if cfg.init_from == "scratch":
+        return GPT(model_config).state_dict()
+    return GPT.from_pretrained(tokenizer_dir).state_dict()
+
+
+def load_weights(model, state, rt):
+    """Rank 0's full state dict (None elsewhere) into the model on every rank: broadcast into each rank's shards or
+    replica. A None on rank 0 (a sharded checkpoint) loads nothing."""
+    if not rt.ddp:
+        if state is not None:
+            model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if broadcast_object(state is not None):  # whether weights come: every rank joins the broadcast, or none
+        set_model_state_dict(model, state or {}, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
+
+
+def restore_training(checkpoint, raw_model, optimizer, scaler, phases, cfg, rt):
+    """The optimizer and scaler state (loaded with the parameters trainable as they were when saved) and the rng; from
+    a sharded checkpoint the model's weights too."""
+    phase = phase_at(phases, checkpoint["step"])
+    if checkpoint["sharded"]:  # the optimizer covers the parameters that were trainable when it was saved
+        set_trainable(raw_model, next((p for p in phases if p.name == checkpoint["phase"]), phase), cfg)
+        load_sharded_checkpoint(checkpoint["sharded"], raw_model, optimizer)
+    elif rt.ddp and cfg.parallelism == "fsdp":  # its optimizer state is whole tensors, not shards
+        raise UserError(f"{cfg.out_dir}/ckpt.pt was written by a DDP run: resume it with parallelism=ddp")
+    else:
+        set_trainable(raw_model, phase, cfg)
+        optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     if rt.master:  # the other ranks keep their seed + rank streams (nothing in training draws from them)
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -708,15 +896,22 @@ def restore_training(checkpoint, raw_model, optimizer, scaler, phase, cfg, rt):
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
 
 
+def checkpoint_path(cfg):
+    """Where this run's checkpoints go: ckpt.pt, or under FSDP the sharded checkpoint directory."""
+    return os.path.join(cfg.out_dir, "ckpt" if cfg.parallelism == "fsdp" else "ckpt.pt")
+
+
 def save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir, phase, state, rt):
-    """ckpt.pt, written atomically and fsynced by rank 0; every rank waits for it."""
-    if rt.master:
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
-        checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scaler": scaler.state_dict(), "model_config": asdict(raw_model.config),
-                      "tokenizer_dir": tokenizer_dir, "config": asdict(cfg), "phase": phase.name, **asdict(state),
-                      "rng": rng}
+    """ckpt.pt, written atomically and fsynced by rank 0 (under FSDP the sharded checkpoint, every rank writing its
+    shards: save_sharded_checkpoint); every rank waits for it."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+    checkpoint = {"scaler": scaler.state_dict(), "model_config": asdict(raw_model.config),
+                  "tokenizer_dir": tokenizer_dir, "config": asdict(cfg), "phase": phase.name, **asdict(state),
+                  "rng": rng}
+    if cfg.parallelism == "fsdp":
+        save_sharded_checkpoint(ckpt_path, raw_model, optimizer, checkpoint)
+    elif rt.master:
+        checkpoint.update(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
         try:
             with atomic_path(ckpt_path) as tmp:
                 with open(tmp, "wb") as f:
@@ -742,20 +937,23 @@ def checkpoint_write_error(ckpt_path, e):
 # one optimizer step, the evaluation, the metrics log
 
 
-def next_batches(train_data, state, phase, rt, vocab_size):
-    """This rank's micro-batches of the next optimizer step; advances state.pos past the step's blocks."""
-    accum = phase.grad_accum // rt.world_size
-    batches = [check_ids(train_data.batch(state.pos + i * phase.batch_size * rt.world_size, phase.batch_size),
-                         train_data.path, vocab_size) for i in range(accum)]
-    state.pos += accum * phase.batch_size * rt.world_size
-    return batches
+def to_device(x, y, device):
+    """A batch on the device in one asynchronous copy. x and y are overlapping views of one (B, T+1) block of rows,
+    and neither is contiguous: pinning each would copy it twice and a non-contiguous copy blocks. So the rows are
+    written once into pinned memory, copied without blocking, and sliced on the device."""
+    if not device.startswith("cuda") or x.is_cuda:
+        return x, y
+    rows = torch.empty((x.shape[0], x.shape[1] + 1), dtype=x.dtype, pin_memory=True)
+    torch.cat((x, y[:, -1:]), dim=1, out=rows)
+    rows = rows.to(device, non_blocking=True)
+    return rows[:, :-1], rows[:, 1:]
 
 
-def agreed_batches(train_data, state, phase, rt, vocab_size):
-    """next_batches, and the error of a bad batch (an id beyond the vocabulary) instead of raising it; under DDP
+def agreed_batches(reader, state, phase, rt):
+    """reader.next, and the error of a bad batch (an id beyond the vocabulary) instead of raising it; under DDP
     every rank learns that some rank had one, so that all of them can checkpoint together and stop."""
     try:
-        batches, bad = next_batches(train_data, state, phase, rt, vocab_size), None
+        batches, bad = reader.next(state, phase), None
     except UserError as e:
         batches, bad = None, e
     if rt.ddp:
@@ -776,14 +974,46 @@ def stop_at_bad_batch(bad, state, progressed, ckpt_path, save):
     raise bad
 
 
-def train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads=False):
+class StepBatches:
+    """This rank's micro-batches of each optimizer step, read at the step's global position in train.bin and sent to
+    the device. On a GPU the next step's are read and sent while the current one computes (read_ahead, which
+    train_step calls between queuing the backward and reading the loss)."""
+
+    def __init__(self, train_data, rt, vocab_size):
+        self.data, self.rt, self.vocab_size = train_data, rt, vocab_size
+        self.ahead = None  # (position, phase name, batches) read ahead
+
+    def read(self, pos, phase):
+        stride = phase.batch_size * self.rt.world_size
+        batches = [check_ids(self.data.batch(pos + i * stride, phase.batch_size), self.data.path, self.vocab_size)
+                   for i in range(phase.grad_accum // self.rt.world_size)]
+        return [to_device(x, y, self.rt.device) for x, y in batches]
+
+    def next(self, state, phase):
+        """The step's micro-batches (those read ahead, if they are the ones); advances state.pos past its blocks."""
+        ahead, self.ahead = self.ahead, None
+        batches = ahead[2] if ahead and ahead[:2] == (state.pos, phase.name) else self.read(state.pos, phase)
+        state.pos += phase.grad_accum // self.rt.world_size * phase.batch_size * self.rt.world_size
+        return batches
+
+    def read_ahead(self, pos, phase):
+        try:
+            self.ahead = (pos, phase.name, self.read(pos, phase))
+        except UserError:  # a bad batch: read again, and reported, at its own step (agreed_batches)
+            self.ahead = None
+
+
+def train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads=False, read_ahead=None):
     """One optimizer step at learning rate lr: forward and backward over the micro-batches, gradient clipping, the
     update. Returns the loss (mean over the ranks). A non-finite loss skips the update (the gradients are dropped);
     counting it is the caller's. verify_grads (the first step after a phase switch): every trainable parameter got a
-    gradient, and the ranks agree after the update."""
+    gradient, and the ranks agree after the update. read_ahead, if given, runs while the device computes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = all_mean(forward_backward(model, batches, rt.autocast, scaler, rt.ddp, rt.device).item(), rt)
+    loss = forward_backward(model, batches, rt.autocast, scaler, isinstance(model, DDP), rt.device)
+    if read_ahead is not None:
+        read_ahead()
+    loss = all_mean(loss.item(), rt)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -796,7 +1026,7 @@ def train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if verify_grads and rt.ddp:
+        if verify_grads and isinstance(model, DDP):
             assert ranks_identical(raw_model), "ranks diverged after the phase switch"
     if rt.device_type == "cuda":
         torch.cuda.synchronize(rt.device)
@@ -808,7 +1038,7 @@ def count_nonfinite(state, loss, cfg, rt, ckpt_path):
     state.nonfinite_steps += 1
     if state.nonfinite_steps > cfg.max_nonfinite_steps:
         raise UserError(f"non-finite training loss ({loss}) at step {state.step + 1}; the last good "
-                        f"checkpoint is {ckpt_path}" + ("" if os.path.isfile(ckpt_path) else " (none yet)")
+                        f"checkpoint is {ckpt_path}" + ("" if os.path.exists(ckpt_path) else " (none yet)")
                         + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
     if rt.master:
         from tqdm import tqdm
@@ -850,7 +1080,8 @@ def eval_blocks(cfg, val_data):
 
 
 def unwrapped(model, rt):
-    return model.module if rt.ddp else model  # no DDP collectives during evaluation
+    return model.module if isinstance(model, DDP) else model  # no DDP collectives during evaluation (FSDP needs its
+    # own: every rank evaluates)
 
 
 @torch.no_grad()
@@ -1000,7 +1231,7 @@ def close_progress_bars():
 def run(argv, defaults, stop):
     cfg, checkpoint = load_config(argv, defaults)
     rt = setup_processes(cfg)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path = checkpoint_path(cfg)
     state = TrainState.from_checkpoint(checkpoint) if checkpoint else TrainState()
 
     # ---- data and the plan (a finished run stops here)
@@ -1025,13 +1256,12 @@ def run(argv, defaults, stop):
         return
 
     # ---- the model, its optimizer and the output directory
-    raw_model, tokenizer_dir, model_source = build_model(cfg, meta, checkpoint, ckpt_path)
-    raw_model.to(rt.device)
+    raw_model, tokenizer_dir, model_source = build_model(cfg, meta, checkpoint, ckpt_path, rt)
     optimizer = configure_optimizer(raw_model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
     phase = phase_at(phases, state.step)
     if checkpoint:
-        restore_training(checkpoint, raw_model, optimizer, scaler, phase, cfg, rt)
+        restore_training(checkpoint, raw_model, optimizer, scaler, phases, cfg, rt)
     del checkpoint
     set_trainable(raw_model, phase, cfg)
     model = wrap(raw_model, cfg, rt.ddp, rt.local_rank, rt.device_type)
@@ -1051,7 +1281,7 @@ def run(argv, defaults, stop):
 
     model = train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data, state, metrics, stop, cfg,
                        rt, ckpt_path, tokenizer_dir)
-    finish(unwrapped(model, rt), raw_model, val_data, state, phases[-1], metrics, cfg, rt, tokenizer_dir)
+    finish(unwrapped(model, rt), raw_model, optimizer, val_data, state, phases[-1], metrics, cfg, rt, tokenizer_dir)
 
 
 def start_out_dir(cfg, rt, raw_model, model_source, phases, n_blocks):
@@ -1078,6 +1308,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
 
     total_steps = phases[-1].start + phases[-1].steps
     vocab_size = raw_model.config.vocab_size
+    reader = StepBatches(train_data, rt, vocab_size)
     peak = cfg.device_peak_flops or (peak_flops(torch.cuda.get_device_name(rt.device), rt.dtype)
                                      if rt.device_type == "cuda" else 0.0)
     bar = tqdm(total=total_steps, initial=state.step, disable=not rt.master, dynamic_ncols=True, unit="step",
@@ -1097,12 +1328,15 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
                 torch.cuda.reset_peak_memory_stats(rt.device)
         lr = phase.lr(state.step, cfg.min_lr)
         t0 = time.time()
-        batches, bad = agreed_batches(train_data, state, phase, rt, vocab_size)
+        batches, bad = agreed_batches(reader, state, phase, rt)
         if bad:
             stop_at_bad_batch(bad, state, state.step > start_step, ckpt_path,
                               lambda: save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir,
                                                       phase, state, rt))
-        loss = train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads)
+        ahead = None  # on a GPU the next step's rows are read while this one computes
+        if rt.device_type == "cuda" and state.step + 1 < total_steps:
+            ahead = functools.partial(reader.read_ahead, state.pos, phase_at(phases, state.step + 1))
+        loss = train_step(model, raw_model, optimizer, scaler, batches, lr, cfg, rt, verify_grads, ahead)
         if not math.isfinite(loss):  # only the update is skipped: the step counts, evaluates, checkpoints
             count_nonfinite(state, loss, cfg, rt, ckpt_path)
         else:
@@ -1154,7 +1388,7 @@ def exit_stopped(stop, step, ckpt_path, rt):
     sys.exit(128 + signum)
 
 
-def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, tokenizer_dir):
+def finish(eval_model, raw_model, optimizer, val_data, state, phase, metrics, cfg, rt, tokenizer_dir):
     """The whole validation set, the HF export, then summary.json (written last: the run is complete)."""
     if state.val_loss is not None and eval_blocks(cfg, val_data) == val_data.n_blocks:
         full = state.val_loss
@@ -1162,13 +1396,17 @@ def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, toke
         full = evaluate(eval_model, val_data, val_data.n_blocks, raw_model.config.vocab_size, cfg, rt)
     metrics.log({"step": state.step, "phase": phase.name, "tokens": state.tokens, "val_full_loss": full,
                  "val_full_ppl": exp(full)})
-    identical = ranks_identical(raw_model) if rt.ddp else None
+    fsdp = rt.ddp and cfg.parallelism == "fsdp"
+    identical = ranks_identical(raw_model) if rt.ddp and not fsdp else None
+    export_model = full_model_on_rank0(raw_model) if fsdp and cfg.export_hf else raw_model  # every rank gathers
+    memory = {"rank0_param_bytes": local_bytes(raw_model.parameters()),  # measured, not assumed
+              "rank0_optimizer_state_bytes": local_bytes(v for s in optimizer.state.values() for v in s.values())}
     if rt.master:
         print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.6g}")
         assert identical is not False, "DDP ranks ended with different weights"
         if cfg.export_hf:
             hf_dir = os.path.join(cfg.out_dir, "hf")
-            export_hf(raw_model, tokenizer_dir, hf_dir)
+            export_hf(export_model, tokenizer_dir, hf_dir)
             print(f"exported {hf_dir}")
         for s in state.phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
             timed, seconds = s["steps"] - s["first_steps"], s["seconds"] - s["first_steps_seconds"]
@@ -1176,6 +1414,7 @@ def finish(eval_model, raw_model, val_data, state, phase, metrics, cfg, rt, toke
         summary = {"steps": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
                    "final_val_loss": state.val_loss, "final_val_full_loss": full, "phases": state.phase_stats,
                    "world_size": rt.world_size, "ddp_ranks_identical": identical,
+                   "parallelism": cfg.parallelism if rt.ddp else None, **memory,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     if rt.ddp:

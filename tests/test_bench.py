@@ -1,10 +1,14 @@
 """The benchmark's reference implementations must compute what they stand for, or its ratios mean nothing."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 import bench
 from clp import clp_embeddings
+from model import GPT, GPTConfig
 
 
 def test_original_loop_computes_what_clp_py_computes():
@@ -52,3 +56,29 @@ def test_data_part_runs_from_the_repository_and_says_why_when_it_cannot(tmp_path
     r = bench.main(["--quick", "--only", "data", "--out", str(tmp_path / "b")])
     assert r["data_vs_tokenizers_ceiling"] is None and "no German ELTeC novels" in r["data"]["skipped"]
     assert "data_vs_tokenizers_ceiling" in bench.table(r) and "null" in bench.table(r)
+
+
+def test_gpu_figures_on_a_card_without_a_known_peak(tmp_path):
+    """A GPU missing from train.PEAK_FLOPS: its steps carry no MFU, so the GPU part reports tokens/s, MFU null and
+    the reason, and the table prints that (no StatisticsError)."""
+    steps = [{"step": i, "dt_s": 0.1, "tokens_per_s": 1000.0} for i in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    figures = bench.gpu_figures(tmp_path / "metrics.jsonl", 1000.0, "NVIDIA Future GPU", 8)
+    assert figures["mfu"] is None and "NVIDIA Future GPU" in figures["mfu_skipped"]
+    assert "1,000 tok/s on NVIDIA Future GPU" in bench.table({"machine": bench.machine(), "gpu": {"pythia-160m": figures}})
+    with_peak = [dict(s, mfu=0.4 + 0.01 * s["step"]) for s in steps]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in with_peak))
+    assert bench.gpu_figures(tmp_path / "metrics.jsonl", 1000.0, "NVIDIA H100", 8)["mfu"] == pytest.approx(0.48)
+
+
+def test_memory_model_counts_what_train_py_keeps():
+    """The what-fits model: 16 bytes of fp32 state per parameter under DDP, a 1/N share under FSDP, activation
+    checkpointing keeping a fraction of the activations, and the Pythia sizes' parameter counts."""
+    m = bench.memory_model(dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512), block_size=64)
+    assert m["n_params"] == sum(p.numel() for p in GPT(GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=64,
+                                                                 intermediate_size=256)).parameters())
+    ddp, fsdp = (bench.bytes_per_gpu(m, p, 8, False, 0) for p in ("ddp", "fsdp"))
+    assert ddp == 18 * m["n_params"]  # and autocast's bf16 copies of the weights
+    assert fsdp == 2 * m["n_params"] + m["largest_group"] * 8 + m["block_params"] * 2
+    assert 0 < m["checkpointed_activation_bytes_per_token"] < m["activation_bytes_per_token"]
+    assert bench.bytes_per_gpu(m, "ddp", 8, True, 100) - ddp == 100 * m["checkpointed_activation_bytes_per_token"]
