@@ -909,7 +909,12 @@ def save_checkpoint(ckpt_path, raw_model, optimizer, scaler, cfg, tokenizer_dir,
                   "tokenizer_dir": tokenizer_dir, "config": asdict(cfg), "phase": phase.name, **asdict(state),
                   "rng": rng}
     if cfg.parallelism == "fsdp":
-        save_sharded_checkpoint(ckpt_path, raw_model, optimizer, checkpoint)
+        from torch.distributed.checkpoint.api import CheckpointException  # DCP's error, raised on every rank
+
+        try:
+            save_sharded_checkpoint(ckpt_path, raw_model, optimizer, checkpoint)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            raise checkpoint_write_error(ckpt_path, e) from None
     elif rt.master:
         checkpoint.update(model=raw_model.state_dict(), optimizer=optimizer.state_dict())
         try:
@@ -929,7 +934,8 @@ def checkpoint_write_error(ckpt_path, e):
     while e.__context__ is not None and not isinstance(e, OSError):  # the cause under torch's RuntimeError
         e = e.__context__
     cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-    kept = "the previous checkpoint is kept" if os.path.isfile(ckpt_path) else "there is no earlier checkpoint"
+    kept = os.path.isfile(ckpt_path) or latest_sharded(ckpt_path)
+    kept = "the previous checkpoint is kept" if kept else "there is no earlier checkpoint"
     return UserError(f"{ckpt_path}: cannot write the checkpoint ({cause}); {kept}")
 
 

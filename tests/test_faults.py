@@ -438,3 +438,24 @@ def test_an_error_before_training_is_printed_once_under_torchrun(corpus, tmp_pat
     r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                 *train_args(corpus, tmp_path, "--max_iters=-1")], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and r.stderr.count("error: max_iters=-1, expected") == 1, r.stderr[-3000:]
+
+
+def test_disk_full_during_a_sharded_checkpoint_keeps_the_previous_one(corpus, tmp_path):
+    """The same under parallelism='fsdp' (its torch.distributed.checkpoint directory, out_dir/ckpt): one line naming
+    the checkpoint and the cause, and `latest` still names the complete step-2 checkpoint."""
+    import resource
+
+    run_args = train_args(corpus, tmp_path, "--max_iters=2", "--eval_interval=2", "--export_hf=False",
+                          "--parallelism=fsdp")
+    train.main(run_args)
+    size = max(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    r = subprocess.run([sys.executable, "train.py", *run_args, "--init_from=resume", "--max_iters=4"], cwd=ROOT,
+                       text=True, capture_output=True, preexec_fn=small_files, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one_line_error(r, str(tmp_path / "ckpt"), "cannot write the checkpoint", "the previous checkpoint is kept")
+    assert train.latest_sharded(str(tmp_path / "ckpt")).endswith("step-00000002")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step-00000002"]
