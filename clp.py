@@ -33,6 +33,7 @@ python clp.py apply_clp --source_model_name_or_path EleutherAI/pythia-410m \\
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -412,6 +413,29 @@ def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, repor
         write_json(os.path.join(tmp, "clp_report.json"), report)
 
 
+def random_rows(num_rows, method, rows, copy_helper, copy_src, E, seed):
+    """A randomly initialised matrix like E; rows='missing' keeps the shared tokens' source rows."""
+    out = random_embeddings(num_rows, E, method, seed)
+    if rows == "missing":
+        out[copy_helper] = E[copy_src]
+    return out
+
+
+def check_options(output_embeddings, weighting, random_init_method, random_init_rows, top_k, pad_to_multiple_of,
+                  chunk_size, device):
+    """The choices and sizes, checked before any model loads."""
+    for name, value, allowed in (("output_embeddings", output_embeddings, OUTPUT_EMBEDDINGS),
+                                 ("weighting", weighting, WEIGHTINGS),
+                                 ("random_init_method", random_init_method, RANDOM_INIT_METHODS),
+                                 ("random_init_rows", random_init_rows, ("all", "missing"))):
+        if value not in allowed:
+            raise UserError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+    for name, value in (("top_k", top_k), ("pad_to_multiple_of", pad_to_multiple_of), ("chunk_size", chunk_size)):
+        if int(value) < 1:
+            raise UserError(f"{name}={value}: expected a positive integer")
+    check_device(str(device), "device")
+
+
 def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_model_path=None,
               helper_tokenizer_name_or_path=None, seed=42, override=False, random_init=False,
               random_init_method="small_init", random_init_rows="all", output_embeddings=None, weighting="dense",
@@ -429,16 +453,8 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
     helper_tokenizer_name_or_path = helper_tokenizer_name_or_path or target_tokenizer
     if output_embeddings is None:
         output_embeddings = "random" if random_init else "clp"
-    for name, value, allowed in (("output_embeddings", output_embeddings, OUTPUT_EMBEDDINGS),
-                                 ("weighting", weighting, WEIGHTINGS),
-                                 ("random_init_method", random_init_method, RANDOM_INIT_METHODS),
-                                 ("random_init_rows", random_init_rows, ("all", "missing"))):
-        if value not in allowed:
-            raise UserError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
-    for name, value in (("top_k", top_k), ("pad_to_multiple_of", pad_to_multiple_of), ("chunk_size", chunk_size)):
-        if int(value) < 1:
-            raise UserError(f"{name}={value}: expected a positive integer")
-    check_device(str(device), "device")
+    check_options(output_embeddings, weighting, random_init_method, random_init_rows, top_k, pad_to_multiple_of,
+                  chunk_size, device)
     if target_model_path:
         check_target(target_model_path, override)
 
@@ -497,12 +513,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
             extrapolated |= out[missing].float().norm(dim=1) > longest_row(E[shared_src])
             out[copy_helper] = E[copy_src]  # adds the special tokens matched by role
 
-    def randomised(E, seed):
-        out = random_embeddings(num_rows, E, random_init_method, seed)
-        if random_init_rows == "missing":
-            out[copy_helper] = E[copy_src]
-        return out
-
+    randomised = functools.partial(random_rows, num_rows, random_init_method, random_init_rows, copy_helper, copy_src)
     embed_in = randomised(E_in, seed) if random_init else clp_out[0]
     if tied:
         embed_out = None
