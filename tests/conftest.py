@@ -152,3 +152,23 @@ def real_tokenizers(tmp_path_factory):
         with gzip.open(os.path.join(src, name + ".gz"), "rb") as f:
             (root / dst).write_bytes(f.read())
     return {"pythia": str(root / "pythia-tokenizer.json"), "gpt2": str(root / "gpt2")}
+
+
+def stop_by_sigterm_while_reading(monkeypatch, pos, run):
+    """run() with a SIGTERM sent while the training data is read at block position `pos` (as a scheduler's
+    preemption would arrive mid-step): the run must exit; the reader is restored afterwards."""
+    import signal
+
+    import data
+
+    batch = data.Blocks.batch
+
+    def batch_then_sigterm(self, p, batch_size):
+        if self.shuffle_seed is not None and p == pos:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, p, batch_size)
+
+    monkeypatch.setattr(data.Blocks, "batch", batch_then_sigterm)
+    with pytest.raises(SystemExit):
+        run()
+    monkeypatch.setattr(data.Blocks, "batch", batch)

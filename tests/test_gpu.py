@@ -3,15 +3,12 @@ runs: bf16 with flash attention against transformers, inductor across the phase 
 precision on one GPU, resume, and the bench's GPU part (tokens/s, MFU)."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
-from conftest import hf_neox, metrics, run_py, train_args as args, weights
+from conftest import hf_neox, metrics, run_py, stop_by_sigterm_while_reading, train_args as args, weights
 from safetensors.torch import load_file
 
-import data
 import train
 from model import GPT
 
@@ -80,17 +77,7 @@ def test_stopped_and_resumed_on_the_gpu_ends_as_the_uninterrupted_run(corpus, tm
     """SIGTERM in the embedding phase (the batches of the next step already read ahead), resume: the same weights as
     a run that was not stopped (fp32, so the comparison is tight)."""
     run_args = args(corpus, tmp_path / "stopped", *SWITCH, *GPU, "--dtype=float32")
-    batch = data.Blocks.batch
-
-    def batch_then_sigterm(self, pos, batch_size):  # while step 2 is read
-        if self.shuffle_seed is not None and pos == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch(self, pos, batch_size)
-
-    monkeypatch.setattr(data.Blocks, "batch", batch_then_sigterm)
-    with pytest.raises(SystemExit):
-        train.main(run_args)
-    monkeypatch.setattr(data.Blocks, "batch", batch)
+    stop_by_sigterm_while_reading(monkeypatch, 8, lambda: train.main(run_args))  # while step 2 is read
     train.main([*run_args, "--init_from=resume"])
     train.main(args(corpus, tmp_path / "straight", *SWITCH, *GPU, "--dtype=float32"))
     assert [m["step"] for m in metrics(tmp_path / "stopped") if "lr" in m] == list(range(1, 7))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, eltec_texts, metrics, run_py, train_args as args, weights
+from conftest import ROOT, eltec_texts, metrics, run_py, stop_by_sigterm_while_reading, train_args as args, weights
 from safetensors.torch import load_file
 
 import data
@@ -196,17 +196,7 @@ def test_resume_keeps_the_phase_statistics_and_leaves_a_finished_run_alone(corpu
     leaves out the first step after the model was built (start, resume, switch: compile time). Resuming the finished
     run says so and touches nothing; one stopped before its summary was written redoes only the end."""
     run_args = args(corpus, tmp_path, "--max_iters=6", "--eval_interval=3", "--embedding_tuning_frac=0.5")
-    batch = data.Blocks.batch
-
-    def batch_then_sigterm(self, pos, batch_size):  # during step 2
-        if self.shuffle_seed is not None and pos == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch(self, pos, batch_size)
-
-    monkeypatch.setattr(data.Blocks, "batch", batch_then_sigterm)
-    with pytest.raises(SystemExit):
-        train.main(run_args)
-    monkeypatch.setattr(data.Blocks, "batch", batch)
+    stop_by_sigterm_while_reading(monkeypatch, 8, lambda: train.main(run_args))  # during step 2
     train.main([*run_args, "--init_from=resume"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     emb, full = summary["phases"]["embedding"], summary["phases"]["full"]
