@@ -154,12 +154,17 @@ def resolve_model_dir(name_or_path, revision=None, weights=True):
     return local
 
 
+def tokenizer_file(path):
+    """The tokenizer.json that a tokenizer path names: the path itself, or the one inside a directory."""
+    return os.path.join(path, "tokenizer.json") if path and os.path.isdir(path) else path
+
+
 def load_tokenizer(path):
     """A `tokenizers.Tokenizer` from tokenizer.json (a file, or a directory holding one), or from the GPT-2-style
     vocab.json + merges.txt pair."""
     from tokenizers import Tokenizer
 
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    file = tokenizer_file(path)
     if os.path.isdir(file):
         raise UserError(f"{file}: is a directory, expected the tokenizer.json file")
     if os.path.isfile(file):
@@ -190,7 +195,7 @@ def load_tokenizer(path):
 def tokenizer_sha256(path):
     """Identity of a tokenizer: sha256 of its tokenizer.json file, or for a vocab.json + merges.txt pair, of the
     tokenizer.json that `save_tokenizer` writes for it. Token files and models carry it so they cannot be mixed up."""
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    file = tokenizer_file(path)
     if os.path.isfile(file):
         return sha256_file(file)
     return hashlib.sha256(load_tokenizer(path).to_str().encode()).hexdigest()
@@ -205,7 +210,7 @@ def save_tokenizer(src, out_dir, special_tokens=None):
     `special_tokens` maps roles (eos_token, ...) to token strings; by default the source's files say, else
     <|endoftext|> when the vocabulary has it."""
     os.makedirs(out_dir, exist_ok=True)
-    src_file = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
+    src_file = tokenizer_file(src)
     dst_file = os.path.join(out_dir, "tokenizer.json")
     if os.path.isfile(src_file):
         if os.path.abspath(src_file) != os.path.abspath(dst_file):

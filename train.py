@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
 from common import (UserError, atomic_dir, atomic_path, exp, json_safe, load_tokenizer, read_json, resolve_model_dir,
-                    round_up, run_cli, save_tokenizer, tokenizer_sha256, torch_dtype, write_json)
+                    round_up, run_cli, save_tokenizer, tokenizer_file, tokenizer_sha256, torch_dtype, write_json)
 from model import GPT, GPTConfig
 
 
@@ -748,7 +748,7 @@ def check_resume_data(cfg, checkpoint, meta, ckpt_path):
     """A resumed run reads data made with its model's tokenizer, as a fresh run must (a tokenizer_dir that is
     gone is build_model's error)."""
     tokenizer_dir = checkpoint["tokenizer_dir"]
-    file = os.path.join(tokenizer_dir, "tokenizer.json") if os.path.isdir(tokenizer_dir or "") else tokenizer_dir
+    file = tokenizer_file(tokenizer_dir)
     if file and os.path.isfile(file):
         check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), f"{ckpt_path} (tokenizer {tokenizer_dir})",
                         cfg.data_dir)
