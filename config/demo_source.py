@@ -17,4 +17,4 @@ warmup_frac = 0.02
 lr_schedule = "cosine"
 eval_interval = 100
 eval_iters = 16
-dtype = "bfloat16"
+dtype = "auto"  # bfloat16 on a GPU that has it, float32 on a CPU (bf16 autocast is ~17x slower without native bf16)
