@@ -465,8 +465,8 @@ def proc_status(field):
 def fsdp_memory_child(parallelism, shape, steps):
     """(Under torchrun, 2 CPU processes.) train.py's own pieces (build_model, wrap, train_step, its AdamW) for a few
     steps: the largest per-rank peak RSS during the steps over the RSS before the model was built (model, gradients,
-    optimizer state, activations; not the one-off load on rank 0), and the parameter and optimizer-state bytes a rank
-    holds. Prints on rank 0 only."""
+    optimizer state, activations; not the one-off load on rank 0), the parameter and optimizer-state bytes a rank
+    holds, and tokens/s over the steps after the first (the slowest rank's time). Prints on rank 0 only."""
     import torch.distributed as dist
 
     import train
@@ -481,17 +481,21 @@ def fsdp_memory_child(parallelism, shape, steps):
     with open("/proc/self/clear_refs", "w") as f:  # the peak from here on: training, not loading
         f.write("5")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for _ in range(int(steps)):
+    for i in range(int(steps)):
         x = torch.randint(0, cfg.vocab_size, (1, 129))
+        if i <= 1:  # the first step builds the optimizer state: not timed
+            t0 = time.perf_counter()
         train.train_step(wrapped, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], cfg.learning_rate, cfg, rt)
+    seconds = time.perf_counter() - t0
     mine = torch.tensor([proc_status("VmHWM") - base, train.local_bytes(model.parameters()),
-                         train.local_bytes(v for s in optimizer.state.values() for v in s.values())],
+                         train.local_bytes(v for s in optimizer.state.values() for v in s.values()), seconds],
                         dtype=torch.float64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-    dist.destroy_process_group()
+    train.leave_process_group(rt, wrapped)
     if rt.master:
         return {"peak_growth_bytes": mine[0].item(), "param_bytes": mine[1].item(),
-                "optimizer_state_bytes": mine[2].item()}
+                "optimizer_state_bytes": mine[2].item(),
+                "tokens_per_s": rt.world_size * cfg.block_size * (int(steps) - 1) / mine[3].item()}
     return None
 
 
@@ -582,13 +586,15 @@ def what_fits(card_bytes=80e9, world_size=8, block_size=2048, usable=0.9):
 
 def bench_fsdp(quick):
     """fsdp_memory_child under DDP and under FSDP: FSDP should need about half; the unsharded group in flight, its
-    gradients and the activations make it somewhat more."""
+    gradients and the activations make it somewhat more. Its tokens/s is reported, not judged: on CPU gloo the
+    all-gathers and reduce-scatters cost what NVLink hides."""
     shape = dict(PYTHIA_160M, n_layer=4) if quick else PYTHIA_160M
     results = {}
     for parallelism in ("ddp", "fsdp"):  # a fixed mmap threshold: freed tensors go back to the system, RSS shows
-        results[parallelism] = child("fsdp_memory", parallelism, json.dumps(shape), 1 if quick else 2, nproc=2,
+        results[parallelism] = child("fsdp_memory", parallelism, json.dumps(shape), 2 if quick else 3, nproc=2,
                                      env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 17)})
     results["ratio"] = results["fsdp"]["peak_growth_bytes"] / results["ddp"]["peak_growth_bytes"]
+    results["tokens_per_s_ratio"] = results["fsdp"]["tokens_per_s"] / results["ddp"]["tokens_per_s"]
     m = memory_model(shape, "float32", 128)  # the memory model's figures for this run (fp32, 1 x 128 tokens)
     for parallelism in ("ddp", "fsdp"):
         results[parallelism]["predicted_bytes"] = bytes_per_gpu(m, parallelism, 2, False, 128, param_bytes=4)
@@ -652,6 +658,7 @@ def main(argv=None):
             print("FSDP against DDP, memory per rank (2 processes) ...", flush=True)
             result["fsdp"] = bench_fsdp(args.quick)
             result["fsdp_vs_ddp_peak_memory_per_rank"] = result["fsdp"]["ratio"]
+            result["fsdp_vs_ddp_tokens_per_s"] = result["fsdp"]["tokens_per_s_ratio"]
         if "fits" in parts:
             print("what fits on 80 GB cards (the memory model) ...", flush=True)
             result["what_fits"] = what_fits()
@@ -712,6 +719,9 @@ def table(r):
             f"{(f['ddp']['param_bytes'] + f['ddp']['optimizer_state_bytes']) / 2**30:.2f} GiB; the memory model "
             f"predicts {f['fsdp']['predicted_bytes'] / 2**30:.2f} vs {f['ddp']['predicted_bytes'] / 2**30:.2f} GiB "
             f"({f['ratio_predicted']:.2f})")
+        row("fsdp_vs_ddp_tokens_per_s", f"{f['tokens_per_s_ratio']:.2f}",
+            f"{f['fsdp']['tokens_per_s']:,.0f} against {f['ddp']['tokens_per_s']:,.0f} tok/s (2 ranks, 1 x 128 tokens "
+            "each; gloo on CPU: no floor)")
     for name, m in r.get("what_fits", {}).items():
         row(f"what_fits pythia-{name}", f"{m['n_params'] / 1e9:.2f}B",
             "max micro-batch x 2048 per 80 GB rank: " + ", ".join(f"{k} {v}" for k, v in m["max_micro_batch"].items()))

@@ -409,9 +409,12 @@ def forward_backward(model, batches, autocast, scaler, ddp, device):
 def apply_fsdp(model, dtype):
     """FSDP2 (fully_shard), as torchtitan shards a transformer: each block, the input embedding, and the final
     LayerNorm with the output head are one group each (unsharded together, just in time, then freed), the root
-    holds what is left. Frozen and trainable parameters may share a group: FSDP2 follows each parameter's
-    requires_grad at every step and reduces only the gradients that exist. bf16 runs compute in bf16 and reduce
-    gradients in fp32; the sharded master weights and the optimizer state stay fp32."""
+    holds what is left. The output head stays unsharded from its forward to its backward, which follows at once:
+    one all-gather of the largest group a step fewer, as torchtitan does (a forward without a backward must then
+    reshard it: `reshard`).
+    Frozen and trainable parameters may share a group: FSDP2 follows each parameter's requires_grad at every step
+    and reduces only the gradients that exist. bf16 runs compute in bf16 and reduce gradients in fp32; the sharded
+    master weights and the optimizer state stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if model.config.tie_word_embeddings:
@@ -421,8 +424,19 @@ def apply_fsdp(model, dtype):
     for block in model.gpt_neox.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model.gpt_neox.embed_in, mp_policy=mp)
-    fully_shard([model.gpt_neox.final_layer_norm, model.embed_out], mp_policy=mp)
+    fully_shard([model.gpt_neox.final_layer_norm, model.embed_out], mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mp_policy=mp)
+
+
+def reshard(model):
+    """Every FSDP group back to its shards. A forward without a backward (build_model's first, an evaluation) leaves
+    the output head unsharded (reshard_after_forward=False), its full parameters registered in the model where the
+    optimizer and the checkpoint must find the sharded ones. A model without FSDP is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def apply_activation_checkpointing(model):
@@ -835,6 +849,7 @@ def build_model(cfg, meta, checkpoint, ckpt_path, rt):
         # bf16 gradients to its fp32 parameters after the switch. So the first forward runs now, nothing frozen yet.
         with torch.no_grad():
             raw_model(torch.zeros((1, 1), dtype=torch.long, device=rt.device))
+        reshard(raw_model)
     return raw_model, tokenizer_dir, model_source
 
 
@@ -1085,6 +1100,22 @@ def eval_blocks(cfg, val_data):
     return min(val_data.n_blocks, cfg.eval_iters * cfg.batch_size)
 
 
+def drop_reducer(model):
+    """A DDP wrapper that is done with drops its Reducer now, while the process group is alive. Freed after
+    destroy_process_group (at the end of run, at exit), the Reducer would be the group's last owner and destroy the
+    gloo group holding the GIL: a deadlock with gloo's worker thread, which waits for the GIL to free a finished
+    all-reduce (seen: a finished run's rank 1 hanging for ever after summary.json was written)."""
+    if isinstance(model, DDP):
+        model.reducer = None
+
+
+def leave_process_group(rt, model=None):
+    """The end of a distributed run: the wrapper's Reducer, then the process group."""
+    if rt.ddp:
+        drop_reducer(model)
+        dist.destroy_process_group()
+
+
 def unwrapped(model, rt):
     return model.module if isinstance(model, DDP) else model  # no DDP collectives during evaluation (FSDP needs its
     # own: every rank evaluates)
@@ -1108,6 +1139,7 @@ def evaluate(model, val_data, n, vocab_size, cfg, rt):
         nll[1] += keep.sum() * cfg.block_size
     if rt.ddp:
         dist.all_reduce(nll)
+    reshard(model)
     model.train()
     return (nll[0] / nll[1]).item()
 
@@ -1257,8 +1289,7 @@ def run(argv, defaults, stop):
         if rt.master:
             print(f"nothing to do: {cfg.out_dir} finished at step {state.step} (raise max_iters, max_tokens or epochs "
                   "to train on)")
-        if rt.ddp:
-            dist.destroy_process_group()
+        leave_process_group(rt)
         return
 
     # ---- the model, its optimizer and the output directory
@@ -1283,11 +1314,12 @@ def run(argv, defaults, stop):
         if rt.master:
             print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
         if cfg.eval_only:
+            leave_process_group(rt, model)
             return
 
     model = train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data, state, metrics, stop, cfg,
                        rt, ckpt_path, tokenizer_dir)
-    finish(unwrapped(model, rt), raw_model, optimizer, val_data, state, phases[-1], metrics, cfg, rt, tokenizer_dir)
+    finish(model, raw_model, optimizer, val_data, state, phases[-1], metrics, cfg, rt, tokenizer_dir)
 
 
 def start_out_dir(cfg, rt, raw_model, model_source, phases, n_blocks):
@@ -1328,6 +1360,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
         if state.step >= phase.start + phase.steps:  # the switch, exactly at the boundary
             phase = phase_at(phases, state.step)
             set_trainable(raw_model, phase, cfg)
+            drop_reducer(model)  # run still holds the first wrapper
             model = wrap(raw_model, cfg, rt.ddp, rt.local_rank, rt.device_type)
             verify_grads = first_step = True
             if rt.device_type == "cuda":
@@ -1376,7 +1409,7 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
                 if rt.master:
                     drop_replaced_runs(cfg.out_dir)
             bar.close()
-            exit_stopped(stop, state.step, ckpt_path, rt)
+            exit_stopped(stop, state.step, ckpt_path, rt, model)
     bar.close()
     stop.deferred = False  # the end: a signal stops the run at once (the last step's checkpoint is complete)
     if stop.received:
@@ -1384,18 +1417,18 @@ def train_loop(model, raw_model, optimizer, scaler, phases, train_data, val_data
     return model
 
 
-def exit_stopped(stop, step, ckpt_path, rt):
+def exit_stopped(stop, step, ckpt_path, rt, model):
     signum = stop.received[0] if stop.received else signal.SIGTERM
     if rt.master:
         print(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {ckpt_path}; continue "
               f"with init_from=resume", file=sys.stderr)
-    if rt.ddp:
-        dist.destroy_process_group()
+    leave_process_group(rt, model)
     sys.exit(128 + signum)
 
 
-def finish(eval_model, raw_model, optimizer, val_data, state, phase, metrics, cfg, rt, tokenizer_dir):
+def finish(model, raw_model, optimizer, val_data, state, phase, metrics, cfg, rt, tokenizer_dir):
     """The whole validation set, the HF export, then summary.json (written last: the run is complete)."""
+    eval_model = unwrapped(model, rt)
     if state.val_loss is not None and eval_blocks(cfg, val_data) == val_data.n_blocks:
         full = state.val_loss
     else:
@@ -1423,8 +1456,7 @@ def finish(eval_model, raw_model, optimizer, val_data, state, phase, metrics, cf
                    "parallelism": cfg.parallelism if rt.ddp else None, **memory,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    if rt.ddp:
-        dist.destroy_process_group()
+    leave_process_group(rt, model)
 
 
 if __name__ == "__main__":
