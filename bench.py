@@ -8,6 +8,8 @@ machine. Prints a table and writes out/bench/bench.json (ratios > 1: ours faster
                                  full phase at a Pythia-160m shape, beside what their FLOPs and bytes predict
     clp_speedup_vs_loop          clp.py against the original per-token loop (re-implemented here, timed on a subset
                                  and scaled linearly) at 50k vocabulary, half shared, width 1024
+    fvt_seconds                  clp.py's FVT at Pythia scale: the vendored Pythia tokenizer as source (two random
+                                 50,304 x 1,024 fp16 matrices), GPT-2's as target; its tokenizing and its products
     data_vs_tokenizers_ceiling   data.py's tokens/s against a bare `tokenizers` encode_batch loop over the same text
                                  (German ELTeC: $ELTEC_DIR/deu when set, else the slices in tests/data/eltec)
     mfu, tokens_per_s            Pythia-160m and -410m shapes, bf16, compiled, T=2048, on a CUDA device (else null;
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -329,6 +332,41 @@ def clp_child(V_h, V_s, d_h, d_s, n_shared):
     return {"seconds": min(times), "extra_peak_bytes": peak - base}
 
 
+def vendored_tokenizers(work):
+    """The real Pythia tokenizer and GPT-2's vocab.json + merges.txt, unpacked from tests/data into work."""
+    import gzip
+
+    paths = {"pythia": os.path.join(work, "pythia-tokenizer.json"), "gpt2": os.path.join(work, "gpt2")}
+    os.makedirs(paths["gpt2"], exist_ok=True)
+    for gz, dst in ((PYTHIA_TOKENIZER_GZ, paths["pythia"]),
+                    *((os.path.join(TESTDATA, "tokenizers", f"gpt2-{n}.gz"), os.path.join(paths["gpt2"], n))
+                      for n in ("vocab.json", "merges.txt"))):
+        with gzip.open(gz, "rb") as f, open(dst, "wb") as out:
+            shutil.copyfileobj(f, out)
+    return paths
+
+
+def bench_fvt(work):
+    """clp.py's FVT at Pythia scale, its two steps timed apart: the source tokenizer's encode_batch over the target's
+    new tokens, and the sparse averaging products for the input and the output matrix."""
+    import clp
+    from common import load_tokenizer
+
+    paths = vendored_tokenizers(work)
+    source_tok, target_tok = load_tokenizer(paths["pythia"]), load_tokenizer(paths["gpt2"])
+    source_vocab = source_tok.get_vocab(with_added_tokens=True)
+    new = [t for t in target_tok.get_vocab(with_added_tokens=True) if t not in source_vocab]
+    g = torch.Generator().manual_seed(0)
+    matrices = [(torch.randn(50304, 1024, generator=g) * 0.02).half() for _ in range(2)]
+    t0 = time.perf_counter()
+    pieces, _ = clp.fvt_pieces(new, source_tok)
+    t1 = time.perf_counter()
+    clp.fvt_embeddings(matrices, [p for p in pieces if p])
+    t2 = time.perf_counter()
+    return {"new_tokens": len(new), "mean_pieces": sum(map(len, pieces)) / len(pieces), "tokenize_seconds": t1 - t0,
+            "products_seconds": t2 - t1, "seconds": t2 - t0}
+
+
 def original_loop(source, helper, shared_src, shared_helper, missing):
     """The original clp.py's algorithm (malteos/clp-transfer), per token in Python: cosine similarities of the token
     to every shared token in the helper space, normalised by their sum, and np.average of the shared source rows."""
@@ -376,8 +414,6 @@ def bench_clp(quick):
 
 def bench_data(work, quick):
     """German ELTeC text (as JSON lines, repeated to ~30 MiB; ~10 MiB with --quick), the Pythia tokenizer."""
-    import gzip
-
     import data
     from common import load_tokenizer
 
@@ -386,9 +422,7 @@ def bench_data(work, quick):
     novels = sorted(glob.glob(os.path.join(folder, "*.xml")) + glob.glob(os.path.join(folder, "*.xml.gz")))
     if not novels:
         raise UserError(f"{folder}: no German ELTeC novels (*.xml, *.xml.gz) there (ELTEC_DIR={eltec and eltec[:-4]})")
-    tokenizer_file = os.path.join(work, "pythia-tokenizer.json")
-    with gzip.open(PYTHIA_TOKENIZER_GZ, "rb") as f, open(tokenizer_file, "wb") as out:
-        out.write(f.read())
+    tokenizer_file = vendored_tokenizers(work)["pythia"]
     docs = [p for f in novels for p in data.read_tei(f).split("\n") if p]  # paragraphs as documents
     repeat = max(1, round(DATA_MIB[quick] * 2**20 / sum(len(d.encode()) + 12 for d in docs)))
     path = os.path.join(work, "corpus.jsonl")
@@ -642,6 +676,8 @@ def main(argv=None):
             print("clp.py against the per-token loop ...", flush=True)
             result["clp"] = bench_clp(args.quick)
             result["clp_speedup_vs_loop"] = result["clp"]["speedup"]
+            result["clp"]["fvt"] = bench_fvt(work)
+            result["fvt_seconds"] = result["clp"]["fvt"]["seconds"]
         if "data" in parts:
             print("data.py against bare tokenizers ...", flush=True)
             try:
@@ -695,6 +731,11 @@ def table(r):
             f"clp.py {c['clp_seconds']:.2f} s ({c['clp_extra_peak_bytes'] / 2**30:.2f} GiB extra), loop "
             f"{c['loop_seconds_scaled']:,.0f} s (scaled from {c['loop_tokens_timed']} tokens); "
             f"{c['vs_matmul_time']:.2f}x the matmul time of its FLOPs")
+        f = c["fvt"]
+        row("fvt_seconds", f"{f['seconds']:.2f}",
+            f"{f['new_tokens']:,} new tokens (GPT-2's against Pythia's), {f['mean_pieces']:.2f} source pieces each: "
+            f"encode_batch {f['tokenize_seconds']:.2f} s, products {f['products_seconds']:.2f} s (50,304 x 1,024, in "
+            "and out)")
     if "data" in r and "skipped" in r["data"]:
         row("data_vs_tokenizers_ceiling", "null", r["data"]["skipped"])
     elif "data" in r:

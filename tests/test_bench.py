@@ -35,6 +35,13 @@ def test_synthetic_data_is_what_train_py_reads(tmp_path):
     assert x.shape == (4, 32) and int(x.max()) < 1000 and torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_fvt_part_times_the_real_tokenizers_split(tmp_path):
+    """The FVT figure is GPT-2's new tokens against the real Pythia tokenizer (the vendored ones), both steps timed."""
+    r = bench.bench_fvt(str(tmp_path))
+    assert r["new_tokens"] == 13_319 and r["mean_pieces"] == pytest.approx(2.087, abs=1e-3)
+    assert r["seconds"] == pytest.approx(r["tokenize_seconds"] + r["products_seconds"]) and r["products_seconds"] > 0
+
+
 def test_data_part_runs_from_the_repository_and_says_why_when_it_cannot(tmp_path, monkeypatch):
     """A fresh clone measures data.py against bare `tokenizers` from the vendored ELTeC slices and Pythia tokenizer;
     what it cannot measure is null with the reason in bench.json (no CUDA here: the GPU figures; a wrong ELTEC_DIR:
