@@ -180,15 +180,29 @@ def train_vs_hf_child(kw, dtype, steps):
     return {k: B * T / min(v) for k, v in times.items()}
 
 
+def native_bf16_cpu():
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX), as oneDNN sees it; False where torch cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def bench_train(work, quick):
     """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW, gradients clipped at 1.0; fp32 and
     bf16 autocast. train.py's train_step (its optimizer: the fused AdamW kernel) and transformers'
     GPTNeoXForCausalLM with torch's default AdamW run in one process, step by step in alternation, on the same
-    batches; each side's fastest step counts (the least disturbed on a shared machine)."""
+    batches; each side's fastest step counts (the least disturbed on a shared machine). bf16 only on a CPU with
+    native bf16 (oneDNN's check): elsewhere autocast emulates it about 17x slower than fp32, a quarter of an hour of
+    benchmark that says nothing about training."""
     shape = dict(n_layer=2 if quick else 6, n_head=8, n_embd=256 if quick else 512, vocab_size=8192,
                  block_size=128 if quick else 256, batch_size=8)
     out = {"shape": shape}
     for dtype in ("float32", "bfloat16"):
+        if dtype == "bfloat16" and not native_bf16_cpu():
+            out[dtype] = {"skipped": f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()})",
+                          "ratio": None}
+            continue
         r = child("train_vs_hf", json.dumps(shape), dtype, 4 if quick else 10)
         out[dtype] = {"ours_tokens_per_s": r["ours"], "hf_tokens_per_s": r["hf"], "ratio": r["ours"] / r["hf"]}
     return out
@@ -716,6 +730,9 @@ def table(r):
     if "train" in r:
         for d in ("float32", "bfloat16"):
             t = r["train"][d]
+            if t["ratio"] is None:
+                row(f"train_vs_hf_tokens_per_s ({d})", "null", t["skipped"])
+                continue
             row(f"train_vs_hf_tokens_per_s ({d})", f"{t['ratio']:.2f}",
                 f"ours {t['ours_tokens_per_s']:,.0f} tok/s, transformers {t['hf_tokens_per_s']:,.0f} tok/s")
     if "phases" in r:
