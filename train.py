@@ -528,6 +528,11 @@ def local_bytes(tensors):
     return sum(local(t).numel() * local(t).element_size() for t in tensors if torch.is_tensor(t))
 
 
+def optimizer_state_bytes(optimizer):
+    """Bytes this process holds of the optimizer's state (AdamW's moments; FSDP: their shards)."""
+    return local_bytes(v for s in optimizer.state.values() for v in s.values())
+
+
 # -----------------------------------------------------------------------------
 # checks and the export
 
@@ -1439,7 +1444,7 @@ def finish(model, raw_model, optimizer, val_data, state, phase, metrics, cfg, rt
     identical = ranks_identical(raw_model) if rt.ddp and not fsdp else None
     export_model = full_model_on_rank0(raw_model) if fsdp and cfg.export_hf else raw_model  # every rank gathers
     memory = {"rank0_param_bytes": local_bytes(raw_model.parameters()),  # measured, not assumed
-              "rank0_optimizer_state_bytes": local_bytes(v for s in optimizer.state.values() for v in s.values())}
+              "rank0_optimizer_state_bytes": optimizer_state_bytes(optimizer)}
     if rt.master:
         print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.6g}")
         assert identical is not False, "DDP ranks ended with different weights"
