@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from common import UserError, run_cli, torch_dtype, write_json
-from model import GPT, GPTConfig
+from model import GPTNeoX, GPTNeoXConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "tests", "data")  # the vendored Pythia tokenizer and ELTeC slices: offline
@@ -145,7 +145,7 @@ def train_vs_hf_child(kw, dtype, steps):
     kw, steps = json.loads(kw), int(steps)
     T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
     torch.manual_seed(0)
-    ours = GPT(GPTConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
+    ours = GPTNeoX(GPTNeoXConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
                          intermediate_size=4 * kw["n_embd"], block_size=T))
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
                                           num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
@@ -234,7 +234,7 @@ def phase_time_child(kw, steps):
     kw, steps = json.loads(kw), int(steps)
     B, T = kw.pop("batch_size"), kw.pop("block_size")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**kw, block_size=T))
+    model = GPTNeoX(GPTNeoXConfig(**kw, block_size=T))
     cfg = train.TrainConfig()
     rt = cpu_runtime("float32")
     optimizer = train.configure_optimizer(model, cfg, "cpu")
@@ -258,7 +258,7 @@ def meta_model(shape, frozen):
     import train
 
     with torch.device("meta"):
-        model = GPT(GPTConfig(**{k: shape[k] for k in PYTHIA_160M}, block_size=shape["block_size"]))
+        model = GPTNeoX(GPTNeoXConfig(**{k: shape[k] for k in PYTHIA_160M}, block_size=shape["block_size"]))
     phase = train.Phase("embedding" if frozen else "full", 0, 1, 1, 1, 0.0, 0, "constant")
     train.set_trainable(model, phase, train.TrainConfig())
     return model
@@ -581,20 +581,20 @@ def memory_model(shape, dtype="bfloat16", block_size=2048):
     backward)."""
     import train
 
-    config = GPTConfig(**{"intermediate_size": 4 * shape["n_embd"], **shape}, block_size=block_size)
+    config = GPTNeoXConfig(**{"intermediate_size": 4 * shape["n_embd"], **shape}, block_size=block_size)
     per_token = {}
     for checkpointed in (False, True):
         with torch.device("meta"):
-            model = GPT(config).to(torch_dtype(dtype))
+            model = GPTNeoX(config).to(torch_dtype(dtype))
         if checkpointed:
             train.apply_activation_checkpointing(model)
         with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", flash_attention_memory):
             half, full = [saved_activation_bytes(model, 1, t) for t in (block_size // 2, block_size)]
         per_token[checkpointed] = (full - half) / (block_size - block_size // 2)
     per_block = (per_token[False] - per_token[True]) / config.n_layer  # what one block keeps, per token
-    block = sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    block = sum(p.numel() for p in model.blocks()[0].parameters())
     return {"n_params": sum(p.numel() for p in model.parameters()), "block_params": block,
-            "largest_group": max(model.gpt_neox.embed_in.weight.numel(), model.embed_out.weight.numel(), block),
+            "largest_group": max(model.input_embeddings().weight.numel(), model.output_embeddings().weight.numel(), block),
             "activation_bytes_per_token": per_token[False] + 4 * config.vocab_size,
             "checkpointed_activation_bytes_per_token": per_token[True] + per_block + 4 * config.vocab_size}
 

@@ -32,7 +32,6 @@ python clp.py apply_clp --source_model_name_or_path EleutherAI/pythia-410m \\
 """
 
 import argparse
-import dataclasses
 import functools
 import math
 import os
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from common import (UserError, atomic_dir, check_device, load_tokenizer, read_json, read_special_tokens,
                     resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
-from model import GPT, read_weights, weight_files
+from model import CausalLM, read_weights, weight_files
 
 METHODS = ("clp", "fvt", "mean")
 WEIGHTINGS = ("dense", "topk", "sparsemax")
@@ -386,19 +385,6 @@ def check_method(method, helper_model, helper_tokenizer, target_tokenizer, rando
             raise UserError(f"{flag} does not apply to --method {method} (only to --method {only})")
 
 
-def target_model(source, embed_in, embed_out, **config):
-    """The source's body with new embeddings (embed_out None: tied) and config changes, e.g. bos/eos token ids."""
-    config = dataclasses.replace(source.config, vocab_size=embed_in.shape[0], **config)
-    with torch.device("meta"):
-        model = GPT(config)
-    state = dict(source.state_dict(), **{"gpt_neox.embed_in.weight": embed_in,
-                                         "embed_out.weight": embed_in if embed_out is None else embed_out})
-    model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
-    return model
-
-
 def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, report, started=None):
     """Build the target directory under a temporary name beside `path`, rename it at the end: never half-written.
     With `started` (a time.time()), the report's seconds include the writing."""
@@ -459,7 +445,7 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
         check_target(target_model_path, override)
 
     source_dir = resolve_model_dir(source_model_name_or_path, source_revision)
-    source = GPT.from_pretrained(source_dir, dtype="auto")
+    source = CausalLM.from_pretrained(source_dir, dtype="auto")
     source_tok = load_tokenizer(source_dir)
     helper_dir = helper_emb = None
     if method == "clp" or not helper_tokenizer_name_or_path:  # fvt and mean read the helper's tokenizer only
@@ -473,8 +459,8 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
 
     source_vocab = source_tok.get_vocab(with_added_tokens=True)
     helper_vocab = helper_tok.get_vocab(with_added_tokens=True)
-    E_in, tied = source.gpt_neox.embed_in.weight.detach(), source.config.tie_word_embeddings
-    E_out = None if tied else source.embed_out.weight.detach()
+    E_in, tied = source.input_embeddings().weight.detach(), source.tied
+    E_out = None if tied else source.output_embeddings().weight.detach()
     n_tokens = max(helper_vocab.values()) + 1
     if helper_emb is not None and n_tokens > helper_emb.shape[0]:
         raise UserError(f"{helper_file}: {helper_key} has {helper_emb.shape[0]} rows, but the helper tokenizer "
@@ -554,7 +540,8 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
     report["seconds"] = round(time.time() - t0, 2)
     if target_model_path:
         ids = {role: helper_vocab.get(helper_special.get(role)) for role in ("bos_token", "eos_token", "pad_token")}
-        model = target_model(source, embed_in, embed_out, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"])
+        model = source.with_embeddings(embed_in, embed_out, bos_token_id=ids["bos_token"],
+                                       eos_token_id=ids["eos_token"])
         # a declared special token the tokenizer lacks stays out: transformers would add it as an id past the rows
         special = {role: token for role, token in helper_special.items() if token in helper_vocab}
         write_target(target_model_path, model, tok_src, special, ids["pad_token"], report, started=t0)

@@ -21,6 +21,7 @@ Each finished stage is kept: a rerun skips it (a training run that was interrupt
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import eval as evaluation
 from bench import machine
 from common import (UserError, atomic_dir, atomic_path, load_tokenizer, read_json, round_up, run_cli, save_tokenizer,
                     sha256_file, write_json)
-from model import GPT, GPTConfig
+from model import CausalLM, model_from_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = os.path.join(HERE, "config", "demo_eltec.tsv")
@@ -174,9 +175,9 @@ def scratch_init(out, like, tokenizer_dir, seed=1337):
     path = os.path.join(out, "init-scratch")
     if stage("from-scratch initialisation", os.path.isfile(os.path.join(path, "config.json"))):
         return
-    config = GPT.from_pretrained(like).config
+    config = CausalLM.from_pretrained(like).config
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**config.__dict__, "vocab_size": clp_vocab_rows(tokenizer_dir)}))
+    model = model_from_config(dataclasses.replace(config, vocab_size=clp_vocab_rows(tokenizer_dir)))
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer_dir, tmp)

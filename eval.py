@@ -70,7 +70,7 @@ from tqdm import tqdm
 import data
 from common import (UserError, check_device, exp, load_tokenizer, read_json, read_special_tokens, resolve_model_dir,
                     run_cli, torch_dtype, write_json)
-from model import GPT
+from model import CausalLM
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TASKS_DIR = os.path.join(ROOT, "tasks")
@@ -90,7 +90,7 @@ def load_model(name_or_path, revision=None, device="cpu"):
                         "merges.txt); eval.py needs the model's own tokenizer to score text (model.save_tokenizer "
                         "writes them next to the weights)")
     tokenizer = load_tokenizer(path)
-    model = GPT.from_pretrained(path, device=device).eval()
+    model = CausalLM.from_pretrained(path, device=device).eval()
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise UserError(f"{name_or_path}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model embeds "
                         f"only {model.config.vocab_size}; the tokenizer files belong to another model")
@@ -102,7 +102,7 @@ def load_model(name_or_path, revision=None, device="cpu"):
 @dataclass
 class LM:
     """What scoring needs besides the model: the tokenizer, the token every document starts from, the window."""
-    model: GPT
+    model: CausalLM
     tokenizer: object
     prefix_token_id: int
     max_length: int

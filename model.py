@@ -1,14 +1,17 @@
 """
-GPT-NeoX (the Pythia architecture), exactly as Hugging Face transformers runs it, in one readable file.
+The model families, exactly as Hugging Face transformers runs them, in one readable file: GPT-NeoX (Pythia).
 
-Parameter names are the HF checkpoint keys (gpt_neox.embed_in.weight, ..., embed_out.weight), so state dicts
-round-trip 1:1: `GPT.from_pretrained` reads any HF-format GPT-NeoX directory or hub id, `save_pretrained` writes
-one that transformers and lm-evaluation-harness load. The plumbing (hub resolution, atomic writes, JSON, the
-one-line user error) lives in common.py.
+Each family is a `CausalLM`: it answers what the other tools ask of a model (its input and output embeddings and
+whether they are tied, its blocks, its final norm, the names of its embedding parameters, its FLOPs per token), so
+clp.py, train.py, eval.py and bench.py never name a family's keys. Parameter names are the family's HF checkpoint
+keys, so state dicts round-trip 1:1: `from_pretrained` reads any HF-format directory or hub id of a supported
+model_type (FAMILIES), `save_pretrained` writes one that transformers and lm-evaluation-harness load. The plumbing
+(hub resolution, atomic writes, JSON, the one-line user error) lives in common.py.
 """
 
 import glob
 import os
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,7 +42,7 @@ GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "ge
 
 
 @dataclass
-class GPTConfig:
+class GPTNeoXConfig:
     vocab_size: int = 50304
     n_layer: int = 24
     n_head: int = 16
@@ -55,6 +58,7 @@ class GPTConfig:
     hidden_act: str = "gelu"
     bos_token_id: int = 0
     eos_token_id: int = 0
+    model_type: str = "gpt_neox"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -68,13 +72,15 @@ class GPTConfig:
     def head_dim(self):
         return self.n_embd // self.n_head
 
+    @property
+    def attention_width(self):
+        """n_head * head_dim: the width of the attention scores' and values' matmuls (FLOPs)."""
+        return self.n_embd
+
     @classmethod
     def from_hf(cls, hf, source="config.json"):
         """From a HF GPT-NeoX config dict; reads both the classic (rotary_pct, rotary_emb_base) and the newer
         rope_parameters naming."""
-        if hf.get("model_type") != "gpt_neox" and "GPTNeoXForCausalLM" not in hf.get("architectures", []):
-            raise UserError(f"{source}: model_type {hf.get('model_type')!r} (architectures "
-                            f"{hf.get('architectures')}); model.py loads GPT-NeoX (model_type 'gpt_neox') only")
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UserError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
@@ -83,15 +89,16 @@ class GPTConfig:
         hf = dict(hf, rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
                   rotary_emb_base=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
         kw = {}
-        for f in fields(cls):
-            value = hf.get(HF_NAMES[f.name])
+        types = {f.name: f.type for f in fields(cls)}
+        for name, hf_key in HF_NAMES.items():
+            value = hf.get(hf_key)
             if value is None:
-                if f.name in ("vocab_size", "n_layer", "n_head", "n_embd"):
-                    raise UserError(f"{source}: missing required key {HF_NAMES[f.name]!r}")
+                if name in ("vocab_size", "n_layer", "n_head", "n_embd"):
+                    raise UserError(f"{source}: missing required key {hf_key!r}")
                 continue
             if isinstance(value, list):  # eos_token_id may be a list in some configs; the first is the document end
                 value = value[0]
-            kw[f.name] = f.type(value) if f.type in (int, float, bool) else value
+            kw[name] = types[name](value) if types[name] in (int, float, bool) else value
         kw.setdefault("intermediate_size", 4 * kw["n_embd"])
         return cls(**kw)
 
@@ -176,61 +183,78 @@ class Block(nn.Module):
 LEGACY_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 
 
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.gpt_neox = nn.ModuleDict(dict(
-            embed_in=nn.Embedding(config.vocab_size, config.n_embd),
-            layers=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            final_layer_norm=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
-        ))
-        self.embed_out = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
-        self.apply(self._init_weights)
+class CausalLM(nn.Module):
+    """What every family shares: the forward pass (embed, blocks, final norm, head), counting, generation, HF-format
+    loading and saving. A family defines its modules with its HF names and answers the questions below; nothing
+    outside model.py needs to know those names."""
 
-    @staticmethod
-    def _init_weights(module):
-        """transformers' GPT-NeoX init (used when training from scratch): N(0, 0.02), zero biases, unit norms."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    def input_embeddings(self):
+        """The token embedding (nn.Embedding)."""
+        raise NotImplementedError
+
+    def output_embeddings(self):
+        """The output head (nn.Linear without bias); when tied, its weight is the input embedding's."""
+        raise NotImplementedError
+
+    def blocks(self):
+        """The transformer blocks (nn.ModuleList), each called as block(x, cos, sin)."""
+        raise NotImplementedError
+
+    def final_norm(self):
+        raise NotImplementedError
+
+    def rotary_tables(self, T, device):
+        """cos and sin tables (T, rotary dims) in fp32 for positions 0..T-1."""
+        raise NotImplementedError
+
+    @property
+    def tied(self):
+        return self.config.tie_word_embeddings
+
+    def embedding_parameter_names(self):
+        """{'input': name, 'output': name} of the embedding weights in named_parameters() and the state dict; a tied
+        head has no parameter of its own ('output' absent)."""
+        names = {id(p): n for n, p in self.named_parameters()}  # a tied weight under its first name
+        found = {"input": names[id(self.input_embeddings().weight)]}
+        if not self.tied:
+            found["output"] = names[id(self.output_embeddings().weight)]
+        return found
+
+    def tie_weights(self):
+        """The head shares the input embedding's weight (after loading or to_empty, which allocate it twice)."""
+        if self.tied:
+            self.output_embeddings().weight = self.input_embeddings().weight
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V) for every position; with targets (B, T) also the mean cross-entropy (ignore index -100)."""
-        x = self.gpt_neox.embed_in(idx)
-        cos, sin = rotary_cos_sin(self.config, idx.shape[1], idx.device)
-        for block in self.gpt_neox.layers:
+        x = self.input_embeddings()(idx)
+        cos, sin = self.rotary_tables(idx.shape[1], idx.device)
+        for block in self.blocks():
             x = block(x, cos, sin)
-        logits = self.embed_out(self.gpt_neox.final_layer_norm(x))
+        logits = self.output_embeddings()(self.final_norm()(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding=True leaves out embed_in and embed_out (the Pythia cards' convention)."""
+        """Parameter count; non_embedding=True leaves out the input and output embeddings (the Pythia cards'
+        convention)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.gpt_neox.embed_in.weight.numel()
-            if not self.config.tie_word_embeddings:
-                n -= self.embed_out.weight.numel()
+            n -= sum(self.get_parameter(name).numel() for name in self.embedding_parameter_names().values())
         return n
 
     def flops_per_token(self, T):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d*T, N counting every matmul
-        weight (all parameters but embed_in, a lookup), the second term the attention scores. Frozen weights
-        (requires_grad False) need no weight gradients, so they count 4 instead of 6: the embedding phase's cost."""
-        matmul = [p for name, p in self.named_parameters() if name != "gpt_neox.embed_in.weight"
-                  or self.config.tie_word_embeddings]
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*T*(n_head*head_dim), N counting
+        every matmul weight (all parameters but the input embedding, a lookup, unless the head shares it), the
+        second term the attention scores and values. Frozen weights (requires_grad False) need no weight gradients,
+        so they count 4 instead of 6: the embedding phase's cost."""
+        lookup = None if self.tied else self.input_embeddings().weight
+        matmul = [p for p in self.parameters() if p is not lookup]
         N = sum(p.numel() for p in matmul)
         N_frozen = sum(p.numel() for p in matmul if not p.requires_grad)
-        return 6 * N - 2 * N_frozen + 12 * self.config.n_layer * self.config.n_embd * T
+        return 6 * N - 2 * N_frozen + 12 * len(self.blocks()) * self.config.attention_width * T
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):
@@ -255,29 +279,45 @@ class GPT(nn.Module):
                     break
         return idx
 
+    def with_embeddings(self, embed_in, embed_out=None, **config_changes):
+        """A model of this family with this model's body and new embeddings (embed_out None: tied, or the head
+        follows the input), its config changed as given (vocab_size follows embed_in); built without copying."""
+        config = dataclasses.replace(self.config, vocab_size=embed_in.shape[0], **config_changes)
+        with torch.device("meta"):
+            model = type(self)(config)
+        names = self.embedding_parameter_names()
+        repeated = tied_keys(self)
+        state = {k: v for k, v in self.state_dict().items() if k not in repeated}
+        state[names["input"]] = embed_in
+        if "output" in names:
+            state[names["output"]] = embed_in if embed_out is None else embed_out
+        model.load_state_dict(state, assign=True, strict=not model.tied)
+        model.tie_weights()
+        return model
+
     # ---- HF-format loading and saving
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, revision=None, dtype=None, device=None):
-        """Load a HF-format GPT-NeoX: a local directory or a hub id (revision e.g. 'step143000'). Weights from
-        safetensors (single or sharded), else pytorch_model*.bin (weights_only). dtype defaults to float32 (the
-        master weights a trainer wants); 'auto' keeps the checkpoint's."""
+    @staticmethod
+    def from_pretrained(name_or_path, revision=None, dtype=None, device=None):
+        """Load a HF-format model of any supported family (config.json's model_type): a local directory or a hub id
+        (revision e.g. 'step143000'). Weights from safetensors (single or sharded), else pytorch_model*.bin
+        (weights_only). dtype defaults to float32 (the master weights a trainer wants); 'auto' keeps the
+        checkpoint's."""
         path = resolve_model_dir(name_or_path, revision)
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise UserError(f"{path}: no config.json (expected a Hugging Face model directory)")
-        config = GPTConfig.from_hf(read_json(config_file), source=config_file)
+        config = config_from_hf(read_json(config_file), source=config_file)
         state = load_state_dict(path)
         if dtype == "auto":
             dtype = next(iter(state.values())).dtype if state else torch.float32
         elif isinstance(dtype, str):  # "bfloat16", "float16", ...
             dtype = torch_dtype(dtype)
         with torch.device("meta"):
-            model = cls(config)
+            model = model_from_config(config)
         check_state_dict(model, state, path)
         model.load_state_dict(state, strict=False, assign=True)  # strictness checked above, with better messages
-        if config.tie_word_embeddings:
-            model.embed_out.weight = model.gpt_neox.embed_in.weight
+        model.tie_weights()
         return model.to(device=device, dtype=dtype or torch.float32)
 
     def save_pretrained(self, path):
@@ -286,12 +326,90 @@ class GPT(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("embed_out.weight")  # stored once, as transformers does for tied weights
-        dtype = self.gpt_neox.embed_in.weight.dtype
+        for key in tied_keys(self):
+            state.pop(key)  # stored once, as transformers does for tied weights
+        dtype = self.input_embeddings().weight.dtype
         with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
             save_file(state, tmp, metadata={"format": "pt"})
         write_json(os.path.join(path, "config.json"), self.config.to_hf(dtype))
+
+
+class GPTNeoX(CausalLM):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = nn.ModuleDict(dict(
+            embed_in=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            final_layer_norm=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+        ))
+        self.embed_out = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def input_embeddings(self):
+        return self.gpt_neox.embed_in
+
+    def output_embeddings(self):
+        return self.embed_out
+
+    def blocks(self):
+        return self.gpt_neox.layers
+
+    def final_norm(self):
+        return self.gpt_neox.final_layer_norm
+
+    def rotary_tables(self, T, device):
+        return rotary_cos_sin(self.config, T, device)
+
+    @staticmethod
+    def _init_weights(module):
+        """transformers' GPT-NeoX init (used when training from scratch): N(0, 0.02), zero biases, unit norms."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+FAMILIES = {"gpt_neox": (GPTNeoXConfig, GPTNeoX)}  # config.json's model_type -> (config class, model class)
+
+
+def config_from_hf(hf, source="config.json"):
+    """The family's config from a HF config.json dict, by its model_type; an unsupported one is a UserError that
+    lists the supported."""
+    model_type = hf.get("model_type")
+    if model_type is None and "GPTNeoXForCausalLM" in hf.get("architectures", []):
+        model_type = "gpt_neox"
+    if model_type not in FAMILIES:
+        raise UserError(f"{source}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not "
+                        f"supported; model.py loads {', '.join(FAMILIES)}")
+    return FAMILIES[model_type][0].from_hf(hf, source=source)
+
+
+def config_from_dict(d):
+    """A config from its asdict() form (as checkpoints store it); a dict without model_type is GPT-NeoX's."""
+    model_type = d.get("model_type", "gpt_neox")
+    if model_type not in FAMILIES:
+        raise UserError(f"model_type {model_type!r} is not supported; model.py builds {', '.join(FAMILIES)}")
+    return FAMILIES[model_type][0](**d)
+
+
+def model_from_config(config):
+    """A randomly initialised model of the config's family (on the current default device)."""
+    return FAMILIES[config.model_type][1](config)
+
+
+def tied_keys(model):
+    """State-dict keys that repeat another key's tensor (a tied head): left out of saved files."""
+    seen, repeated = set(), []
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            repeated.append(key)
+        seen.add(id(value))
+    return repeated
 
 
 def weight_files(path):
@@ -341,9 +459,9 @@ def load_state_dict(path):
 def check_state_dict(model, state, source, limit=8):
     """Strict key and shape check with an error that names the missing, unexpected and mis-shaped keys."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("embed_out.weight")
-        state.pop("embed_out.weight", None)
+    for key in tied_keys(model):  # a tied head may be stored or not
+        expected.pop(key)
+        state.pop(key, None)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     shapes = [f"{k} {tuple(state[k].shape)} (config expects {tuple(expected[k])})"

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import Blocks, check_tokenizer, load_meta
 from common import (UserError, atomic_dir, atomic_path, exp, json_safe, load_tokenizer, read_json, resolve_model_dir,
                     round_up, run_cli, save_tokenizer, tokenizer_file, tokenizer_sha256, torch_dtype, write_json)
-from model import GPT, GPTConfig
+from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
 
 
 @dataclass
@@ -85,7 +85,7 @@ class TrainConfig:
     embedding_batch_size: int = 0  # 0: batch_size
     embedding_gradient_accumulation_steps: int = 0  # 0: gradient_accumulation_steps (the same rule for processes)
     freeze_transformer: bool = True  # False: the study's "accelerated start" (all weights at the embedding LR)
-    train_output_embeddings: bool = True  # embed_out trains in the embedding phase too (as in the study)
+    train_output_embeddings: bool = True  # the output head trains in the embedding phase too (as in the study)
     # model for init_from='scratch' (vocab_size 0: the data's vocabulary padded to a multiple of 128)
     vocab_size: int = 0
     n_layer: int = 6
@@ -355,10 +355,11 @@ def phase_at(phases, step):
 
 
 def set_trainable(model, phase, cfg):
-    """Embedding phase with a frozen transformer: only embed_in (and embed_out) require grad, so the body gets no
+    """Embedding phase with a frozen transformer: only the input embedding (and the output head) require grad, so the body gets no
     weight gradients and no optimizer state. Full phase (or freeze_transformer=False): everything trains."""
     frozen = phase.name == "embedding" and cfg.freeze_transformer
-    trainable = {"gpt_neox.embed_in.weight"} | ({"embed_out.weight"} if cfg.train_output_embeddings else set())
+    names = model.embedding_parameter_names()
+    trainable = set(names.values()) if cfg.train_output_embeddings else {names["input"]}
     for name, p in model.named_parameters():
         p.requires_grad_(not frozen or name in trainable)
 
@@ -417,14 +418,14 @@ def apply_fsdp(model, dtype):
     master weights and the optimizer state stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if model.config.tie_word_embeddings:
+    if model.tied:
         raise UserError("parallelism='fsdp' needs untied input and output embeddings (as every Pythia model has)")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \
         else MixedPrecisionPolicy()
-    for block in model.gpt_neox.layers:
+    for block in model.blocks():
         fully_shard(block, mp_policy=mp)
-    fully_shard(model.gpt_neox.embed_in, mp_policy=mp)
-    fully_shard([model.gpt_neox.final_layer_norm, model.embed_out], mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model.input_embeddings(), mp_policy=mp)
+    fully_shard([model.final_norm(), model.output_embeddings()], mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mp_policy=mp)
 
 
@@ -443,7 +444,7 @@ def apply_activation_checkpointing(model):
     """Each block's forward runs under non-reentrant torch.utils.checkpoint: its activations are recomputed in
     backward instead of kept. The block's own forward is wrapped (no wrapper module), so parameter names, state dicts
     and checkpoints stay those of the plain model; under FSDP the recomputation runs while the block is unsharded."""
-    for block in model.gpt_neox.layers:
+    for block in model.blocks():
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
@@ -507,7 +508,7 @@ def load_sharded_checkpoint(latest, model, optimizer):
 
 
 def full_model_on_rank0(model):
-    """The whole model as a plain GPT on rank 0's CPU, its shards gathered one tensor at a time (cpu_offload: the
+    """The whole model, unsharded, on rank 0's CPU, its shards gathered one tensor at a time (cpu_offload: the
     GPU never holds the full model); None on the other ranks. Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -515,8 +516,9 @@ def full_model_on_rank0(model):
     if dist.get_rank() != 0:
         return None
     with torch.device("meta"):
-        full = GPT(model.config)
+        full = model_from_config(model.config)
     full.load_state_dict(state, assign=True)
+    full.tie_weights()
     return full
 
 
@@ -813,7 +815,7 @@ def build_model(cfg, meta, checkpoint, ckpt_path, rt):
     process builds it on the meta device and allocates its own part (empty_model); rank 0 alone reads the weights
     and broadcasts them (load_weights), so host memory holds one copy of the model file, not one per process."""
     if checkpoint is not None:
-        model_config = GPTConfig(**checkpoint["model_config"])
+        model_config = config_from_dict(checkpoint["model_config"])
         tokenizer_dir = checkpoint["tokenizer_dir"]
         if tokenizer_dir and cfg.export_hf:
             check_export_tokenizer(tokenizer_dir, f"{ckpt_path}: tokenizer_dir")
@@ -824,7 +826,7 @@ def build_model(cfg, meta, checkpoint, ckpt_path, rt):
         if tokenizer_dir and cfg.export_hf:
             check_export_tokenizer(tokenizer_dir, f"{os.path.join(cfg.data_dir, 'meta.json')}: tokenizer_file")
         vocab_size = cfg.vocab_size or round_up(meta["vocab_size"])
-        model_config = GPTConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        model_config = GPTNeoXConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
                                  block_size=cfg.block_size, bos_token_id=meta["eos_token_id"],
                                  eos_token_id=meta["eos_token_id"])
@@ -834,7 +836,7 @@ def build_model(cfg, meta, checkpoint, ckpt_path, rt):
         config_file = os.path.join(tokenizer_dir, "config.json")
         if not os.path.isfile(config_file):
             raise UserError(f"{tokenizer_dir}: no config.json (expected a Hugging Face model directory)")
-        model_config = GPTConfig.from_hf(read_json(config_file), source=config_file)
+        model_config = config_from_hf(read_json(config_file), source=config_file)
         model_source = cfg.init_from
         if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
             raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data "
@@ -862,14 +864,13 @@ def empty_model(model_config, cfg, rt):
     """The model built on the meta device (no memory), with activation checkpointing and, under FSDP, sharded, then
     allocated on the device (uninitialised: load_weights fills it)."""
     with torch.device("meta"):
-        model = GPT(model_config)
+        model = model_from_config(model_config)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if rt.ddp and cfg.parallelism == "fsdp":
         apply_fsdp(model, rt.dtype)
     model.to_empty(device=rt.device)
-    if model_config.tie_word_embeddings:  # to_empty allocates the shared tensor twice
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.tie_weights()  # to_empty allocates a shared tensor twice
     return model
 
 
@@ -879,8 +880,8 @@ def initial_weights(model_config, cfg, checkpoint, tokenizer_dir):
     if checkpoint is not None:
         return checkpoint.get("model")
     if cfg.init_from == "scratch":
-        return GPT(model_config).state_dict()
-    return GPT.from_pretrained(tokenizer_dir).state_dict()
+        return model_from_config(model_config).state_dict()
+    return CausalLM.from_pretrained(tokenizer_dir).state_dict()
 
 
 def load_weights(model, state, rt):

@@ -103,7 +103,7 @@ def corpus(eltec_tokenizers, tmp_path_factory):
     """German token files (tokenizer: the small ELTeC BPE) and a tiny GPT-NeoX init directory with that tokenizer."""
     import data
     from common import save_tokenizer
-    from model import GPT, GPTConfig
+    from model import GPTNeoX, GPTNeoXConfig
 
     root = tmp_path_factory.mktemp("train")
     tok = eltec_tokenizers["deu"]
@@ -116,7 +116,7 @@ def corpus(eltec_tokenizers, tmp_path_factory):
                  progress=False)
     torch.manual_seed(0)
     vocab = data.load_meta(root / "data")["vocab_size"]
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, block_size=64))
+    model = GPTNeoX(GPTNeoXConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, block_size=64))
     model.save_pretrained(root / "init")
     save_tokenizer(str(tok), str(root / "init"))
     return root

@@ -8,7 +8,7 @@ import torch
 
 import bench
 from clp import clp_embeddings
-from model import GPT, GPTConfig
+from model import GPTNeoX, GPTNeoXConfig
 
 
 def test_original_loop_computes_what_clp_py_computes():
@@ -82,7 +82,7 @@ def test_memory_model_counts_what_train_py_keeps():
     """The what-fits model: 16 bytes of fp32 state per parameter under DDP, a 1/N share under FSDP, activation
     checkpointing keeping a fraction of the activations, and the Pythia sizes' parameter counts."""
     m = bench.memory_model(dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512), block_size=64)
-    assert m["n_params"] == sum(p.numel() for p in GPT(GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=64,
+    assert m["n_params"] == sum(p.numel() for p in GPTNeoX(GPTNeoXConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=64,
                                                                  intermediate_size=256)).parameters())
     ddp, fsdp = (bench.bytes_per_gpu(m, p, 8, False, 0) for p in ("ddp", "fsdp"))
     assert ddp == 18 * m["n_params"]  # and autocast's bf16 copies of the weights

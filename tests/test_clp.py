@@ -12,7 +12,7 @@ from conftest import hf_neox, make_hub_cache, run_py
 
 from clp import apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax
 from common import UserError, load_tokenizer, save_tokenizer, sha256_file
-from model import GPT
+from model import GPTNeoX
 
 # -----------------------------------------------------------------------------
 # the formula on raw tensors
@@ -210,8 +210,8 @@ def test_tiny_models_end_to_end(tiny):
             assert torch.equal(tgt_state[k], v), k
     assert torch.equal(tgt_state["gpt_neox.embed_in.weight"], embed_in)
 
-    # loads with model.GPT and with transformers, same logits; AutoTokenizer is the helper's tokenizer
-    ours = GPT.from_pretrained(str(target)).eval()
+    # loads with model.GPTNeoX and with transformers, same logits; AutoTokenizer is the helper's tokenizer
+    ours = GPTNeoX.from_pretrained(str(target)).eval()
     ref = AutoModelForCausalLM.from_pretrained(target, attn_implementation="eager").eval()
     idx = torch.randint(0, n, (2, 19))
     with torch.no_grad():
@@ -442,7 +442,7 @@ def test_cli_study_command_with_hub_ids_offline(tiny, tmp_path):
     assert "shared tokens" in r.stdout
     report = json.loads((tmp_path / "out" / "clp_report.json").read_text())
     assert report["source"]["commit"] == "a" * 40 and report["helper"]["commit"] == "b" * 40
-    assert GPT.from_pretrained(str(tmp_path / "out")).config.vocab_size == report["target_vocab_size"]
+    assert GPTNeoX.from_pretrained(str(tmp_path / "out")).config.vocab_size == report["target_vocab_size"]
     r = run_py(args, env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "--override" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -495,7 +495,7 @@ def test_fvt_by_hand(tmp_path):
             torch.testing.assert_close(matrix[tv[token]], src[ids].mean(0), rtol=0, atol=1e-6)
     saved = json.loads((tmp_path / "target" / "clp_report.json").read_text())
     assert saved["fvt"]["mean_pieces"] == 2.25 and saved["method"] == "fvt"
-    assert GPT.from_pretrained(str(tmp_path / "target")).config.vocab_size == 384
+    assert GPTNeoX.from_pretrained(str(tmp_path / "target")).config.vocab_size == 384
 
 
 def test_byte_level_alphabet_is_gpt2s():

@@ -12,7 +12,7 @@ from conftest import TESTDATA, eltec_texts, hf_neox, run_py
 
 import eval as ev
 from common import UserError, load_tokenizer, save_tokenizer
-from model import GPT
+from model import GPTNeoX
 
 BLOCK = 32  # max_position_embeddings of the tiny model: ELTeC paragraphs are many windows long
 EOT = 0  # <|endoftext|> of the ELTeC tokenizers
@@ -29,7 +29,7 @@ def tiny(tmp_path_factory, eltec_tokenizers):
     ref = hf_neox(vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=2, max_position_embeddings=BLOCK)
     ref.save_pretrained(path)
     save_tokenizer(str(eltec_tokenizers["deu"]), str(path))
-    return path, ref, GPT.from_pretrained(str(path)).eval(), load_tokenizer(str(path))
+    return path, ref, GPTNeoX.from_pretrained(str(path)).eval(), load_tokenizer(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from conftest import ROOT, metrics, run_py, train_args, weights
 import data
 import train
 from common import UserError
-from model import GPT
+from model import GPTNeoX
 
 RUN = "import sys; import train; from common import run_cli; run_cli(train.main, sys.argv[1:])"
 
@@ -123,7 +123,7 @@ def test_sigterm_under_torchrun_stops_every_rank_together(corpus, tmp_path):
 
 
 def test_nonfinite_loss(corpus, tmp_path, monkeypatch):
-    forward, calls = GPT.forward, []
+    forward, calls = GPTNeoX.forward, []
 
     def nan_on_ninth_training_call(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
@@ -133,7 +133,7 @@ def test_nonfinite_loss(corpus, tmp_path, monkeypatch):
                 loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(GPT, "forward", nan_on_ninth_training_call)
+    monkeypatch.setattr(GPTNeoX, "forward", nan_on_ninth_training_call)
     with pytest.raises(UserError, match=r"non-finite training loss \(nan\) at step 5; the last good checkpoint"):
         train.main(train_args(corpus, tmp_path / "stop", "--max_iters=10", "--eval_interval=2"))
     assert torch.load(tmp_path / "stop" / "ckpt.pt", weights_only=True)["step"] == 4
@@ -308,7 +308,7 @@ def test_missing_tokenizer_fails_at_the_start_and_the_export_is_atomic(corpus, t
 def test_skipped_steps_still_evaluate_and_checkpoint(corpus, tmp_path, monkeypatch):
     """A skipped non-finite step skips only the update: at an eval boundary and as the last step it still
     evaluates and checkpoints, the final evaluation happens, and the count of skips survives a resume."""
-    forward, calls, bad = GPT.forward, [], {3, 7}  # the first micro-batches of steps 2 and 4
+    forward, calls, bad = GPTNeoX.forward, [], {3, 7}  # the first micro-batches of steps 2 and 4
 
     def nan_loss(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
@@ -318,7 +318,7 @@ def test_skipped_steps_still_evaluate_and_checkpoint(corpus, tmp_path, monkeypat
                 loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(GPT, "forward", nan_loss)
+    monkeypatch.setattr(GPTNeoX, "forward", nan_loss)
     run_args = train_args(corpus, tmp_path, "--max_iters=4", "--eval_interval=2", "--max_nonfinite_steps=2")
     train.main(run_args)
     log = metrics(tmp_path)
@@ -367,7 +367,7 @@ def test_signal_outside_the_loop_or_a_second_one_stops_at_once(corpus, tmp_path,
 
 def test_metrics_are_strict_json_and_a_cut_line_is_dropped(corpus, tmp_path, monkeypatch):
     """NaN and infinity are written as null (JSON has neither); a resume drops a last line cut short by a kill."""
-    forward = GPT.forward
+    forward = GPTNeoX.forward
 
     def nan_logits(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
@@ -378,7 +378,7 @@ def test_metrics_are_strict_json_and_a_cut_line_is_dropped(corpus, tmp_path, mon
 
     run_args = train_args(corpus, tmp_path, "--max_iters=2", "--eval_interval=1")
     with monkeypatch.context() as m:
-        m.setattr(GPT, "forward", nan_logits)
+        m.setattr(GPTNeoX, "forward", nan_logits)
         train.main(run_args)
     log = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["val_loss"] is None and log[0]["val_ppl"] is None and log[-1]["val_full_loss"] is None

@@ -16,7 +16,7 @@ from conftest import ROOT, metrics, train_args, weights
 from safetensors.torch import load_file
 
 import train
-from model import GPT, GPTConfig
+from model import GPTNeoX, GPTNeoXConfig
 
 # a run of train.py under torchrun with optional faults: DIE_IN_SAVE=n kills rank 0 (kill -9) after the n-th sharded
 # checkpoint's shards are written but before it is committed; DIE_AT_POS=p kills rank 1 when it reads the training
@@ -164,8 +164,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     """Per-block recomputation: the same loss and gradients as the plain model, the same parameter names, and
     fewer activations kept for backward."""
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=97, n_layer=3, n_head=2, n_embd=32, intermediate_size=64, block_size=64)
-    plain, recomputed = GPT(config), GPT(config)
+    config = GPTNeoXConfig(vocab_size=97, n_layer=3, n_head=2, n_embd=32, intermediate_size=64, block_size=64)
+    plain, recomputed = GPTNeoX(config), GPTNeoX(config)
     recomputed.load_state_dict(plain.state_dict())
     train.apply_activation_checkpointing(recomputed)
     assert recomputed.state_dict().keys() == plain.state_dict().keys()

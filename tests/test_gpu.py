@@ -10,7 +10,7 @@ from conftest import hf_neox, metrics, run_py, stop_by_sigterm_while_reading, tr
 from safetensors.torch import load_file
 
 import train
-from model import GPT
+from model import GPTNeoX
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu)")]
@@ -32,7 +32,7 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
     with torch.no_grad():
         exact = ref.cuda()(input_ids=idx).logits.float()
         ref_bf16 = ref.to(torch.bfloat16)(input_ids=idx).logits.float()
-        ours = GPT.from_pretrained(str(tmp_path), dtype="bfloat16", device="cuda").eval()
+        ours = GPTNeoX.from_pretrained(str(tmp_path), dtype="bfloat16", device="cuda").eval()
         ours_bf16 = ours(idx)[0].float()
     ours_err, ref_err = (ours_bf16 - exact).abs().max().item(), (ref_bf16 - exact).abs().max().item()
     assert ours_err <= 2 * ref_err + 1e-2, (ours_err, ref_err)
@@ -70,7 +70,7 @@ def test_one_process_nccl_then_fsdp_on_one_gpu(corpus, tmp_path):
     assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=0.03)
     assert train.latest_sharded(str(tmp_path / "fsdp" / "ckpt")).endswith("step-00000006")
     assert all(t.dtype == torch.float32 for t in weights(tmp_path / "fsdp").values())
-    GPT.from_pretrained(str(tmp_path / "fsdp" / "hf"))
+    GPTNeoX.from_pretrained(str(tmp_path / "fsdp" / "hf"))
 
 
 def test_stopped_and_resumed_on_the_gpu_ends_as_the_uninterrupted_run(corpus, tmp_path, monkeypatch):

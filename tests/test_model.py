@@ -8,7 +8,7 @@ import torch
 from conftest import hf_neox, make_hub_cache, run_py
 
 from common import UserError
-from model import GPT, GPTConfig
+from model import GPTNeoX, GPTNeoXConfig
 
 
 def compare(ours, ref, vocab_size, T=37, B=3, seed=1):
@@ -34,7 +34,7 @@ def compare(ours, ref, vocab_size, T=37, B=3, seed=1):
 def test_logits_match_transformers(tmp_path, kw):
     ref = hf_neox(**kw)
     ref.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = GPTNeoX.from_pretrained(str(tmp_path)).eval()
     max_diff, loss_diff = compare(ours, ref, ref.config.vocab_size)
     print(f"max |logits diff| = {max_diff:.2e}")
     assert max_diff <= 1e-4
@@ -43,7 +43,7 @@ def test_logits_match_transformers(tmp_path, kw):
 
 def test_parameter_names_are_hf_keys(tiny_hf_dir):
     path, ref = tiny_hf_dir
-    ours = GPT.from_pretrained(str(path))
+    ours = GPTNeoX.from_pretrained(str(path))
     from safetensors.torch import load_file
     assert set(ours.state_dict()) == set(load_file(path / "model.safetensors"))
     assert "gpt_neox.layers.1.attention.query_key_value.weight" in ours.state_dict()
@@ -53,7 +53,7 @@ def test_sharded_safetensors_and_bin(tmp_path):
     ref = hf_neox()
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    assert compare(GPT.from_pretrained(str(tmp_path / "sharded")), ref, 1001)[0] <= 1e-4
+    assert compare(GPTNeoX.from_pretrained(str(tmp_path / "sharded")), ref, 1001)[0] <= 1e-4
 
     # the legacy .bin format, with the old persistent buffers that must be dropped
     bin_dir = tmp_path / "bin"
@@ -67,14 +67,14 @@ def test_sharded_safetensors_and_bin(tmp_path):
         state[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
         state[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(4)
     torch.save(state, bin_dir / "pytorch_model.bin")
-    assert compare(GPT.from_pretrained(str(bin_dir)), ref, 1001)[0] <= 1e-4
+    assert compare(GPTNeoX.from_pretrained(str(bin_dir)), ref, 1001)[0] <= 1e-4
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path, tiny_hf_dir):
     from transformers import AutoModelForCausalLM
 
     path, ref = tiny_hf_dir
-    ours = GPT.from_pretrained(str(path)).eval()
+    ours = GPTNeoX.from_pretrained(str(path)).eval()
     ours.save_pretrained(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["architectures"] == ["GPTNeoXForCausalLM"] and config["rotary_pct"] == 0.25
@@ -88,7 +88,7 @@ def test_tied_embeddings_round_trip(tmp_path):
 
     ref = hf_neox(tie_word_embeddings=True)
     ref.save_pretrained(tmp_path / "ref")
-    ours = GPT.from_pretrained(str(tmp_path / "ref")).eval()
+    ours = GPTNeoX.from_pretrained(str(tmp_path / "ref")).eval()
     assert ours.embed_out.weight is ours.gpt_neox.embed_in.weight
     assert compare(ours, ref, 1001)[0] <= 1e-4
     ours.save_pretrained(tmp_path / "ours")
@@ -98,19 +98,19 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 def test_dtype_and_config_variants(tiny_hf_dir):
     path, _ = tiny_hf_dir
-    assert GPT.from_pretrained(str(path), dtype=torch.bfloat16).embed_out.weight.dtype == torch.bfloat16
+    assert GPTNeoX.from_pretrained(str(path), dtype=torch.bfloat16).embed_out.weight.dtype == torch.bfloat16
     hf = json.loads((path / "config.json").read_text())
     # the v5 naming (rope_parameters) and the classic one give the same config
     classic = {k: v for k, v in hf.items() if k != "rope_parameters"}
     classic.update(rotary_pct=hf["rope_parameters"]["partial_rotary_factor"],
                    rotary_emb_base=hf["rope_parameters"]["rope_theta"])
-    assert GPTConfig.from_hf(hf) == GPTConfig.from_hf(classic)
-    assert GPTConfig.from_hf(GPTConfig.from_hf(hf).to_hf()) == GPTConfig.from_hf(hf)
+    assert GPTNeoXConfig.from_hf(hf) == GPTNeoXConfig.from_hf(classic)
+    assert GPTNeoXConfig.from_hf(GPTNeoXConfig.from_hf(hf).to_hf()) == GPTNeoXConfig.from_hf(hf)
 
 
 def test_rotary_keys_read_as_transformers_reads_them(tiny_hf_dir):
     """Partial, conflicting or missing rotary keys: the same rotary fraction and base as transformers' config."""
-    from transformers import GPTNeoXConfig
+    import transformers
 
     hf = json.loads((tiny_hf_dir[0] / "config.json").read_text())
     bare = {k: v for k, v in hf.items() if k not in ("rope_parameters", "rotary_pct", "rotary_emb_base")}
@@ -118,8 +118,8 @@ def test_rotary_keys_read_as_transformers_reads_them(tiny_hf_dir):
                 dict(bare, rotary_pct=0.5, rotary_emb_base=77.0),
                 dict(bare, rotary_pct=0.5, rope_parameters={"rope_type": "default", "partial_rotary_factor": 1.0})]
     for variant in variants:
-        ref = GPTNeoXConfig(**variant).rope_parameters
-        ours = GPTConfig.from_hf(variant)
+        ref = transformers.GPTNeoXConfig(**variant).rope_parameters
+        ours = GPTNeoXConfig.from_hf(variant)
         assert (ours.rotary_pct, ours.rotary_base) == (ref["partial_rotary_factor"], ref["rope_theta"]), variant
 
 
@@ -136,17 +136,17 @@ def test_hub_path_offline(tmp_path, tiny_hf_dir):
     state = {k if k != "lm_head.weight" else "embed_out.weight": v for k, v in ref.state_dict().items()}
     torch.save({k: v * 0 for k, v in state.items()}, old / "pytorch_model.bin")
     make_hub_cache(cache, "EleutherAI/pythia-tiny", old, revision="step1000", commit="b" * 40)
-    code = ("import torch; from model import GPT\n"
-            "m = GPT.from_pretrained('EleutherAI/pythia-tiny')\n"
+    code = ("import torch; from model import GPTNeoX\n"
+            "m = GPTNeoX.from_pretrained('EleutherAI/pythia-tiny')\n"
             "ref = torch.load(r'%s')\n"
             "assert torch.equal(m.gpt_neox.embed_in.weight, ref['gpt_neox.embed_in.weight'])\n"
-            "old = GPT.from_pretrained('EleutherAI/pythia-tiny', revision='step1000')\n"
+            "old = GPTNeoX.from_pretrained('EleutherAI/pythia-tiny', revision='step1000')\n"
             "assert old.gpt_neox.embed_in.weight.abs().sum() == 0\n"
             "print('ok')" % (tmp_path / "ref.pt"))
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     r = run_py(["-c", code], env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
-    r = run_py(["-c", "from common import run_cli; from model import GPT; run_cli(lambda a: GPT.from_pretrained('EleutherAI/nope'))"],
+    r = run_py(["-c", "from common import run_cli; from model import GPTNeoX; run_cli(lambda a: GPTNeoX.from_pretrained('EleutherAI/nope'))"],
                env=env)
     assert r.returncode == 1 and "EleutherAI/nope" in r.stderr and "Traceback" not in r.stderr
 
@@ -157,7 +157,7 @@ def test_hub_path_offline(tmp_path, tiny_hf_dir):
 ])
 def test_pythia_parameter_counts(name, layers, width, heads, total):
     with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=50304, n_layer=layers, n_embd=width, n_head=heads, intermediate_size=4 * width))
+        model = GPTNeoX(GPTNeoXConfig(vocab_size=50304, n_layer=layers, n_embd=width, n_head=heads, intermediate_size=4 * width))
     assert model.num_params(non_embedding=False) == total
     assert model.num_params() == total - 2 * 50304 * width
     N = total - 50304 * width
@@ -166,7 +166,7 @@ def test_pythia_parameter_counts(name, layers, width, heads, total):
 
 def test_generate_greedy_matches_argmax(tiny_hf_dir):
     path, _ = tiny_hf_dir
-    model = GPT.from_pretrained(str(path)).eval()
+    model = GPTNeoX.from_pretrained(str(path)).eval()
     idx = torch.tensor([[1, 2, 3]])
     out = model.generate(idx, 5, temperature=0)
     assert out.shape == (1, 8)
@@ -180,16 +180,16 @@ def test_generate_greedy_matches_argmax(tiny_hf_dir):
 def test_bad_inputs(tmp_path, tiny_hf_dir):
     path, ref = tiny_hf_dir
     with pytest.raises(UserError, match="no config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        GPTNeoX.from_pretrained(str(tmp_path))
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UserError, match="model_type 'gpt2'.*GPT-NeoX"):
-        GPT.from_pretrained(str(gpt2))
+    with pytest.raises(UserError, match="model_type 'gpt2'.*supported.*gpt_neox"):
+        GPTNeoX.from_pretrained(str(gpt2))
     with pytest.raises(UserError, match="no weights"):
         (tmp_path / "noweights").mkdir()
         (tmp_path / "noweights" / "config.json").write_text((path / "config.json").read_text())
-        GPT.from_pretrained(str(tmp_path / "noweights"))
+        GPTNeoX.from_pretrained(str(tmp_path / "noweights"))
 
     from safetensors.torch import load_file, save_file
     state = load_file(path / "model.safetensors")
@@ -204,15 +204,15 @@ def test_bad_inputs(tmp_path, tiny_hf_dir):
         return str(d)
 
     with pytest.raises(UserError, match=r"missing keys: gpt_neox.layers.1.mlp.dense_4h_to_h.bias"):
-        GPT.from_pretrained(broken("missing", lambda s: s.pop("gpt_neox.layers.1.mlp.dense_4h_to_h.bias")))
+        GPTNeoX.from_pretrained(broken("missing", lambda s: s.pop("gpt_neox.layers.1.mlp.dense_4h_to_h.bias")))
     with pytest.raises(UserError, match=r"unexpected keys: gpt_neox.layers.7.foo"):
-        GPT.from_pretrained(broken("unexpected", lambda s: s.update({"gpt_neox.layers.7.foo": torch.zeros(1)})))
+        GPTNeoX.from_pretrained(broken("unexpected", lambda s: s.update({"gpt_neox.layers.7.foo": torch.zeros(1)})))
     with pytest.raises(UserError, match=r"wrong shapes: embed_out.weight \(1000, 64\) \(config expects \(1001, 64\)\)"):
-        GPT.from_pretrained(broken("shape", lambda s: s.update({"embed_out.weight": s["embed_out.weight"][:1000]})))
+        GPTNeoX.from_pretrained(broken("shape", lambda s: s.update({"embed_out.weight": s["embed_out.weight"][:1000]})))
     (tmp_path / "trunc").mkdir()
     (tmp_path / "trunc" / "config.json").write_text((path / "config.json").read_text())
     (tmp_path / "trunc" / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(UserError, match="cannot read safetensors"):
-        GPT.from_pretrained(str(tmp_path / "trunc"))
+        GPTNeoX.from_pretrained(str(tmp_path / "trunc"))
     with pytest.raises(UserError, match="no such directory"):
-        GPT.from_pretrained(str(tmp_path / "does-not-exist"))
+        GPTNeoX.from_pretrained(str(tmp_path / "does-not-exist"))

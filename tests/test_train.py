@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import data
 import train
 from common import UserError, save_tokenizer
-from model import GPT, GPTConfig
+from model import GPTNeoX, GPTNeoXConfig
 
 
 def test_loss_falls(corpus, tmp_path):
@@ -262,7 +262,7 @@ def test_export_loads_in_transformers(corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tok("Der Bauer ging in den Wald.", return_tensors="pt").input_ids
-    ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    ours = GPTNeoX.from_pretrained(str(tmp_path / "hf")).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ours(ids)[0], rtol=1e-4, atol=1e-4)
 
@@ -276,7 +276,7 @@ def test_clear_errors(corpus, tmp_path, eltec_tokenizers):
         train.main(args(corpus, tmp_path, "--max_iters=ten"))
     # a model whose tokenizer is not the one the data was made with
     other = tmp_path / "english-model"
-    GPT(GPTConfig(vocab_size=1024, n_layer=1, n_head=2, n_embd=32, intermediate_size=64)).save_pretrained(other)
+    GPTNeoX(GPTNeoXConfig(vocab_size=1024, n_layer=1, n_head=2, n_embd=32, intermediate_size=64)).save_pretrained(other)
     save_tokenizer(str(eltec_tokenizers["eng"]), str(other))
     with pytest.raises(UserError, match="different tokenizer"):
         train.main([*args(corpus, tmp_path), f"--init_from={other}"])
