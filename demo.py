@@ -1,8 +1,9 @@
 """
-The whole study at toy scale, on a CPU, offline: `make demo` (about 20 minutes on 2 cores) or `make demo DEMO=quick`
-(about a minute, the test suite's end-to-end run). `make demo DEMO=init` (DEMO=init-quick: its small size) compares
-the initialisations instead: random, mean, FVT, CLP, CLP with the fallback and CLP+ (sparsemax), same budget; the runs
-it shares with `make demo` are trained once (same out directory), and it writes report-init.md and ppl_curves-init.png.
+The whole study at toy scale, on a CPU: `make demo` (about 34 minutes on 2 CPU cores; it downloads the novels once)
+or `make demo DEMO=quick` (about 80 seconds, offline: the test suite's end-to-end run). `make demo DEMO=init`
+(DEMO=init-quick: its small size) compares the initialisations instead: random, mean, FVT, CLP, CLP with the fallback
+and CLP+ (sparsemax), same budget; the runs it shares with `make demo` are trained once (same out directory), and it
+writes report-init.md and ppl_curves-init.png.
 
 1. data: English and German ELTeC novels (config/demo_eltec.tsv: files, sha256, public URLs at pinned commits; with
    ELTEC_DIR set, a local copy is read instead; --mode quick without it reads the slices of some of them vendored in
