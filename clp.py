@@ -293,18 +293,18 @@ def mean_embeddings(source_emb, n_new, sample=False, seed=42):
 # entries). `matrices` is {"input": E} and/or {"output": E}, the source's; rows the same keys, match.rows each.
 
 
-def init_clp(sources, match, source_tok, target_tok, helper_rows, opts):
+def init_clp(matrices, match, source_tok, target_tok, helper_rows, opts):
     """CLP (CLP+ with --weighting sparsemax): the weights from the helper's similarities, computed once for all
     matrices."""
-    rows, fallback = clp_embeddings(list(sources.values()), helper_rows, match, opts.weighting, opts.top_k,
+    rows, fallback = clp_embeddings(list(matrices.values()), helper_rows, match, opts.weighting, opts.top_k,
                                     opts.chunk_size, opts.device, opts.extrapolation_fallback)
-    rows = dict(zip(sources, rows))
+    rows = dict(zip(matrices, rows))
     return rows, {"fallback_rows": len(fallback),
                   "fallback_tokens": [target_tok.id_to_token(int(i)) for i in fallback[:20]],
-                  "extrapolated_rows": extrapolated_rows(rows, sources, match)}
+                  "extrapolated_rows": extrapolated_rows(rows, matrices, match)}
 
 
-def init_fvt(sources, match, source_tok, target_tok, helper_rows, opts):
+def init_fvt(matrices, match, source_tok, target_tok, helper_rows, opts):
     """FVT: each new token the mean of the source rows of the pieces the source tokenizer splits its text into; a
     token with no source piece keeps the shared rows' mean."""
     from tokenizers import decoders
@@ -313,54 +313,54 @@ def init_fvt(sources, match, source_tok, target_tok, helper_rows, opts):
     added = [t.content for t in target_tok.get_added_tokens_decoder().values()]
     pieces, by_bytes = fvt_pieces(tokens, source_tok, isinstance(target_tok.decoder, decoders.ByteLevel), added)
     counts = torch.tensor([len(p) for p in pieces], dtype=torch.long)
-    new_rows = fvt_embeddings(list(sources.values()), [p for p in pieces if p], opts.device)
+    new_rows = fvt_embeddings(list(matrices.values()), [p for p in pieces if p], opts.device)
     rows = {}
-    for (role, E), new in zip(sources.items(), new_rows):
+    for (role, E), new in zip(matrices.items(), new_rows):
         rows[role] = copied_rows(E, match)
         rows[role][match.new[counts > 0]] = new
     return rows, {"fvt": {"pieces_histogram": {str(k): int(n) for k, n in enumerate(counts.bincount()) if n},
                           "mean_pieces": round(counts.float().mean().item(), 4) if len(counts) else None,
                           "split_byte_by_byte": by_bytes,
                           "no_source_piece": [t for t, n in zip(tokens, counts.tolist()) if n == 0]},
-                  "extrapolated_rows": extrapolated_rows(rows, sources, match)}
+                  "extrapolated_rows": extrapolated_rows(rows, matrices, match)}
 
 
-def init_mean(sources, match, source_tok, target_tok, helper_rows, opts):
+def init_mean(matrices, match, source_tok, target_tok, helper_rows, opts):
     """mean: every new row the mean of the source tokens' rows (not its padding rows), or with --mean_sample a draw
     from their normal; each matrix its own draw."""
     token_ids = sorted(source_tok.get_vocab(with_added_tokens=True).values())
     rows = {}
-    for role, E in sources.items():
+    for role, E in matrices.items():
         rows[role] = copied_rows(E, match)
         rows[role][match.new] = mean_embeddings(E[token_ids], len(match.new), opts.mean_sample, opts.seed_for(role))
-    return rows, {"mean_sample": opts.mean_sample, "extrapolated_rows": extrapolated_rows(rows, sources, match)}
+    return rows, {"mean_sample": opts.mean_sample, "extrapolated_rows": extrapolated_rows(rows, matrices, match)}
 
 
-def init_random(sources, match, source_tok, target_tok, helper_rows, opts):
+def init_random(matrices, match, source_tok, target_tok, helper_rows, opts):
     """The random-init baseline: every row random (--random_init_method), or with --random_init_rows missing all
     but the copied ones."""
     rows = {}
-    for role, E in sources.items():
+    for role, E in matrices.items():
         rows[role] = random_embeddings(match.rows, E, opts.random_init_method, opts.seed_for(role))
         if opts.random_init_rows == "missing":
             rows[role][match.copy_target] = E[match.copy_source]
     return rows, {"random_init_method": opts.random_init_method, "random_init_rows": opts.random_init_rows}
 
 
-def init_source_by_id(sources, match, source_tok, target_tok, helper_rows, opts):
+def init_source_by_id(matrices, match, source_tok, target_tok, helper_rows, opts):
     """The study's head: source row i for target token i, whatever token i was; rows past the source's: their
     mean."""
     rows = {}
-    for role, E in sources.items():
+    for role, E in matrices.items():
         k = min(match.rows, E.shape[0])
         rows[role] = torch.cat([E[:k], E.float().mean(0).to(E.dtype).expand(match.rows - k, -1)])
     return rows, {}
 
 
-def extrapolated_rows(rows, sources, match):
+def extrapolated_rows(rows, matrices, match):
     """How many new tokens have a row (in any matrix) longer than every shared source row: no average can be."""
     beyond = torch.zeros(len(match.new), dtype=torch.bool)
-    for role, E in sources.items():
+    for role, E in matrices.items():
         beyond |= rows[role][match.new].float().norm(dim=1) > longest_row(E[match.shared_source])
     return int(beyond.sum())
 
