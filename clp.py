@@ -618,8 +618,8 @@ def match_tokens(source, helper, opts):
     """The Match of the helper's (the target's) vocabulary against the source's: exact string matches, then the
     special tokens by role; every other id is new."""
     shared_source, shared_target, missing = match_vocabularies(source.vocab, helper.vocab)
-    methods = {m.init for m in METHODS.values()}
-    if len(shared_source) == 0 and methods & set(matrix_initialisers(opts, source.model.tied).values()):
+    initialisers = matrix_initialisers(opts, source.model.tied).values()
+    if len(shared_source) == 0 and any(init not in (init_random, init_source_by_id) for init in initialisers):
         raise UserError(f"no shared tokens between the source tokenizer ({source.directory}) and the helper "
                         f"tokenizer ({helper.tokenizer_path}): CLP needs tokens whose strings both vocabularies have")
     copies, special_tokens = special_token_rows(helper.special_tokens, helper.vocab, source.special_tokens,
@@ -656,8 +656,8 @@ def initialise(source, helper, match, opts):
     for role, init in matrix_initialisers(opts, model.tied).items():
         groups.setdefault(init, {})[role] = matrices[role]
     rows, entries = {}, {}
-    for init, sources in groups.items():
-        new_rows, new_entries = init(sources, match, source.tokenizer, helper.tokenizer, helper.embedding, opts)
+    for init, group in groups.items():
+        new_rows, new_entries = init(group, match, source.tokenizer, helper.tokenizer, helper.embedding, opts)
         rows.update(new_rows)
         entries.update(new_entries)
     return {role: rows[role] for role in matrices}, entries
@@ -671,11 +671,11 @@ ENTRY_DEFAULTS = {"fallback_rows": 0, "fallback_tokens": [], "extrapolated_rows"
 def build_report(opts, source, helper, match, entries):
     """clp_report.json: what was asked, what was read (names, commits, sha256), the match and what each step did."""
     embedding, tied = source.model.input_embeddings().weight, source.model.tied
-    entry = {key: entries.get(key, default) for key, default in ENTRY_DEFAULTS.items()}
+    entry = {**ENTRY_DEFAULTS, **entries}
     clp = opts.method == "clp"
     return {
         "method": "random_init" if opts.random_init else opts.method,
-        **{key: value for key, value in entries.items() if key not in ENTRY_DEFAULTS},
+        **{key: value for key, value in entries.items() if key not in ENTRY_DEFAULTS},  # the method's own
         "source": source.description, "source_tokenizer_sha256": source.tokenizer_sha256,
         "helper": helper.description,
         "helper_tokenizer": {"name_or_path": opts.tokenizer_name_or_path or opts.helper_model_name_or_path,
