@@ -335,12 +335,13 @@ def clp_child(V_h, V_s, d_h, d_s, n_shared):
     perm = torch.randperm(V_h, generator=g)
     shared_helper, missing = perm[:n_shared], perm[n_shared:]
     shared_src = torch.randperm(V_s, generator=g)[:n_shared]
-    clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing[:2048], num_rows=V_s)  # warm-up
+    clp.clp_embeddings([src_in, src_out], helper, clp.Match(shared_src, shared_helper, missing[:2048], V_s))  # warm-up
+    match = clp.Match(shared_src, shared_helper, missing, V_s)
     base = rss()
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        clp.clp_embeddings([src_in, src_out], helper, shared_src, shared_helper, missing, num_rows=V_s)
+        clp.clp_embeddings([src_in, src_out], helper, match)
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"seconds": min(times), "extra_peak_bytes": peak - base}

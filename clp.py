@@ -27,6 +27,11 @@ A helper special token (bos, eos, pad, unk) whose string the source lacks takes 
 special token with the same role, if it has one. The target has the helper tokenizer's rows rounded up to a multiple
 of 128; rows no token produces (padding) hold the mean of the shared source rows: an average token, never an outlier.
 
+`apply_clp` reads each input once (a ModelInput), matches the vocabularies (a Match), initialises each matrix with
+its initialiser, reports and writes. An initialiser is one function, (matrices, match, source tokenizer, target
+tokenizer, helper rows, options) -> (rows, report entries); `--method` picks one from METHODS (a new method is an
+entry there and its function), the random baseline and the study's head are initialisers too.
+
 python clp.py apply_clp --source_model_name_or_path EleutherAI/pythia-410m \\
     --helper_model_name_or_path malteos/gpt2-wechsel-german-ds-meg --target_model_path out/pythia-410m-clp-german
 """
@@ -36,6 +41,8 @@ import functools
 import math
 import os
 import time
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +52,54 @@ from common import (UserError, atomic_dir, check_device, load_tokenizer, read_js
                     resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
 from model import CausalLM, read_weights, weight_files
 
-METHODS = ("clp", "fvt", "mean")
 WEIGHTINGS = ("dense", "topk", "sparsemax")
 OUTPUT_EMBEDDINGS = ("clp", "source_by_id", "random")
 RANDOM_INIT_METHODS = ("small_init", "normal", "xavier")
+RANDOM_INIT_ROWS = ("all", "missing")
 
 # -----------------------------------------------------------------------------
 # the method on raw tensors
+
+
+@dataclass
+class Match:
+    """Which source row each target row starts from: target id shared_target[j] copies source row shared_source[j]
+    (a token both vocabularies have), special_target[j] copies special_source[j] (a special token matched by role);
+    the `new` target ids get rows the method computes; `rows` is the target matrices' height (the target's ids,
+    padded). special_tokens: role -> how it was matched, for the report."""
+    shared_source: torch.Tensor
+    shared_target: torch.Tensor
+    new: torch.Tensor
+    rows: int
+    special_source: torch.Tensor = ()
+    special_target: torch.Tensor = ()
+    special_tokens: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("shared_source", "shared_target", "new", "special_source", "special_target"):
+            setattr(self, name, torch.as_tensor(getattr(self, name), dtype=torch.long).reshape(-1))
+        if len(self.shared_source) != len(self.shared_target):
+            raise ValueError(f"{len(self.shared_source)} shared source ids but {len(self.shared_target)} shared "
+                             "target ids")
+
+    @property
+    def copy_source(self):
+        return torch.cat([self.shared_source, self.special_source])
+
+    @property
+    def copy_target(self):
+        return torch.cat([self.shared_target, self.special_target])
+
+
+def copied_rows(E, match, shared=None):
+    """A (match.rows, d) matrix in E's dtype: the shared and special tokens' source rows copied bit for bit, every
+    other row the mean of the shared source rows (what rows no token has keep; a method overwrites its new rows).
+    shared: E[match.shared_source] when the caller has it (in any float dtype at least E's, on any device)."""
+    shared = E[match.shared_source] if shared is None else shared
+    out = shared.float().mean(0).to("cpu", E.dtype).expand(match.rows, -1).clone()
+    out[match.shared_target] = shared.to("cpu", E.dtype)
+    out[match.special_target] = E[match.special_source]
+    return out
 
 
 def positive_or_uniform(sims):
@@ -95,47 +143,34 @@ def clp_weights(sims, weighting="dense", top_k=10):
     return w, bad
 
 
-def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, missing_helper_ids, num_rows=None,
-                   weighting="dense", top_k=10, chunk_size=1024, device="cpu", extrapolation_fallback=False):
+def clp_embeddings(source_emb, helper_emb, match, weighting="dense", top_k=10, chunk_size=1024, device="cpu",
+                   extrapolation_fallback=False):
     """CLP on raw matrices. source_emb (V_src, d), or a list of such matrices sharing a vocabulary (input and output
-    embeddings: the weights are computed once, applied to each); helper_emb (V_helper, d_helper). Shared token j is
-    row shared_src_ids[j] of the source and shared_helper_ids[j] of the helper; missing_helper_ids get the weighted
-    average. Returns (matrices, fallback_ids): each matrix (num_rows, d) in its source's dtype, shared rows copied
-    bit for bit, the rest computed in fp32 on `device`; rows in neither list (ids no token has, padding) hold the
-    mean of the shared source rows. fallback_ids: the missing ids whose similarity sum was not positive (with
-    extrapolation_fallback, also those whose weighted sum came out longer than every shared source row)."""
+    embeddings: the weights are computed once, applied to each); helper_emb (V_helper, d_helper), in the target's
+    ids. The shared tokens (match.shared_source / shared_target) are the weights' anchors; match.new get the weighted
+    average. Returns (matrices, fallback_ids): each matrix (match.rows, d) in its source's dtype as copied_rows
+    starts it (shared and special rows copied bit for bit), the new rows computed in fp32 on `device`. fallback_ids:
+    the new ids whose similarity sum was not positive (with extrapolation_fallback, also those whose weighted sum
+    came out longer than every shared source row)."""
     single = torch.is_tensor(source_emb)
     sources = [source_emb] if single else list(source_emb)
-    shared_src_ids, shared_helper_ids, missing_helper_ids = (torch.as_tensor(x, dtype=torch.long).reshape(-1)
-                                                             for x in (shared_src_ids, shared_helper_ids,
-                                                                       missing_helper_ids))
     if weighting not in WEIGHTINGS:
         raise UserError(f"weighting={weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-    if len(shared_src_ids) == 0:
+    if len(match.shared_source) == 0:
         raise UserError("no shared tokens: CLP averages the source rows of the tokens both vocabularies have")
-    if len(shared_src_ids) != len(shared_helper_ids):
-        raise ValueError(f"{len(shared_src_ids)} shared source ids but {len(shared_helper_ids)} shared helper ids")
-    num_rows = num_rows or helper_emb.shape[0]
     dev = torch.device(device)
 
-    hs = F.normalize(helper_emb[shared_helper_ids].to(dev, torch.float32), dim=1)  # unit rows, (n_shared, d_helper)
-    es = [E[shared_src_ids].to(dev, torch.float32) for E in sources]  # (n_shared, d) each
+    hs = F.normalize(helper_emb[match.shared_target].to(dev, torch.float32), dim=1)  # unit rows, (n_shared, d_helper)
+    es = [E[match.shared_source].to(dev, torch.float32) for E in sources]  # (n_shared, d) each
     radius = [longest_row(e) for e in es]
-    covered = torch.zeros(num_rows, dtype=torch.bool)
-    covered[shared_helper_ids] = covered[missing_helper_ids] = True
-    outs = []
-    for E, e in zip(sources, es):
-        out = torch.empty(num_rows, E.shape[1], dtype=E.dtype)
-        out[~covered] = e.mean(0).to("cpu", E.dtype)  # rows no token has (padding)
-        out[shared_helper_ids] = e.to("cpu", E.dtype)  # back from fp32: bit-identical to the source rows
-        outs.append(out)
+    outs = [copied_rows(E, match, e) for E, e in zip(sources, es)]
     if weighting == "dense":
-        # the factorised sum, no (missing x shared) matrix: sum_j cos(h, h_j) e_j / sum_j cos(h, h_j)
+        # the factorised sum, no (new x shared) matrix: sum_j cos(h, h_j) e_j / sum_j cos(h, h_j)
         # = (h @ sum_j unit(h_j) e_j^T) / (h @ sum_j unit(h_j)); |h| cancels, so new rows need no normalising
         hsum = hs.sum(0)
         ms = [hs.T @ e for e in es]  # (d_helper, d) each
     fallback = []
-    for ids in tqdm(missing_helper_ids.split(chunk_size), desc=f"clp {weighting}", unit="chunk", disable=None):
+    for ids in tqdm(match.new.split(chunk_size), desc=f"clp {weighting}", unit="chunk", disable=None):
         h = helper_emb[ids].to(dev, torch.float32)
         if weighting == "dense":
             total = h @ hsum  # the similarity sum times |h|: same sign
@@ -156,7 +191,7 @@ def clp_embeddings(source_emb, helper_emb, shared_src_ids, shared_helper_ids, mi
         for out, r in zip(outs, rows):
             out[ids] = r.to("cpu", out.dtype)
         fallback.append(ids[bad.cpu()])
-    return (outs[0] if single else outs), torch.cat(fallback) if fallback else missing_helper_ids[:0]
+    return (outs[0] if single else outs), torch.cat(fallback) if fallback else match.new[:0]
 
 
 def longest_row(rows):
@@ -253,43 +288,269 @@ def mean_embeddings(source_emb, n_new, sample=False, seed=42):
     return (mean + z @ root.T).to(source_emb.dtype)
 
 
-def init_without_helper(method, sources, source_tok, target_tok, shared_src, shared_target, new_ids, num_rows,
-                        source_token_ids, mean_sample=False, seed=42, device="cpu"):
-    """The target matrices for fvt or mean: shared rows copied, new rows by the method, rows no token has (padding)
-    the mean of the shared source rows (as clp_embeddings fills them), as do fvt's tokens with no source piece.
-    mean averages the rows of the source's tokens (source_token_ids: not its padding rows). Returns (matrices,
-    report entries)."""
-    id_to_token = {i: t for t, i in target_tok.get_vocab(with_added_tokens=True).items()}
-    if method == "fvt":
-        from tokenizers import decoders
+# -----------------------------------------------------------------------------
+# the initialisers: (matrices, match, source tokenizer, target tokenizer, helper rows, options) -> (rows, report
+# entries). `matrices` is {"input": E} and/or {"output": E}, the source's; rows the same keys, match.rows each.
 
-        tokens = [id_to_token[int(i)] for i in new_ids]
-        added = [t.content for t in target_tok.get_added_tokens_decoder().values()]
-        pieces, by_bytes = fvt_pieces(tokens, source_tok, isinstance(target_tok.decoder, decoders.ByteLevel), added)
-        counts = torch.tensor([len(p) for p in pieces], dtype=torch.long)
-        new_rows = fvt_embeddings(sources, [p for p in pieces if p], device)
-        report = {"fvt": {"pieces_histogram": {str(k): int(n) for k, n in enumerate(counts.bincount()) if n},
+
+def init_clp(matrices, match, source_tok, target_tok, helper_rows, opts):
+    """CLP (CLP+ with --weighting sparsemax): the weights from the helper's similarities, computed once for all
+    matrices."""
+    rows, fallback = clp_embeddings(list(matrices.values()), helper_rows, match, opts.weighting, opts.top_k,
+                                    opts.chunk_size, opts.device, opts.extrapolation_fallback)
+    rows = dict(zip(matrices, rows))
+    return rows, {"fallback_rows": len(fallback),
+                  "fallback_tokens": [target_tok.id_to_token(int(i)) for i in fallback[:20]],
+                  "extrapolated_rows": extrapolated_rows(rows, matrices, match)}
+
+
+def init_fvt(matrices, match, source_tok, target_tok, helper_rows, opts):
+    """FVT: each new token the mean of the source rows of the pieces the source tokenizer splits its text into; a
+    token with no source piece keeps the shared rows' mean."""
+    from tokenizers import decoders
+
+    tokens = [target_tok.id_to_token(int(i)) for i in match.new]
+    added = [t.content for t in target_tok.get_added_tokens_decoder().values()]
+    pieces, by_bytes = fvt_pieces(tokens, source_tok, isinstance(target_tok.decoder, decoders.ByteLevel), added)
+    counts = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    new_rows = fvt_embeddings(list(matrices.values()), [p for p in pieces if p], opts.device)
+    rows = {}
+    for (role, E), new in zip(matrices.items(), new_rows):
+        rows[role] = copied_rows(E, match)
+        rows[role][match.new[counts > 0]] = new
+    return rows, {"fvt": {"pieces_histogram": {str(k): int(n) for k, n in enumerate(counts.bincount()) if n},
                           "mean_pieces": round(counts.float().mean().item(), 4) if len(counts) else None,
                           "split_byte_by_byte": by_bytes,
-                          "no_source_piece": [t for t, n in zip(tokens, counts.tolist()) if n == 0]}}
-        new_ids = new_ids[counts > 0]
-    else:
-        new_rows = [mean_embeddings(E[source_token_ids], len(new_ids), mean_sample, seed + k)
-                    for k, E in enumerate(sources)]
-        report = {"mean_sample": mean_sample}
-    outs = []
-    for E, new in zip(sources, new_rows):
-        shared = E[shared_src]
-        out = torch.empty(num_rows, E.shape[1], dtype=E.dtype)
-        out[:] = shared.float().mean(0).to(E.dtype)
-        out[shared_target] = shared
-        out[new_ids] = new
-        outs.append(out)
-    return outs, report
+                          "no_source_piece": [t for t, n in zip(tokens, counts.tolist()) if n == 0]},
+                  "extrapolated_rows": extrapolated_rows(rows, matrices, match)}
+
+
+def init_mean(matrices, match, source_tok, target_tok, helper_rows, opts):
+    """mean: every new row the mean of the source tokens' rows (not its padding rows), or with --mean_sample a draw
+    from their normal; each matrix its own draw."""
+    token_ids = sorted(source_tok.get_vocab(with_added_tokens=True).values())
+    rows = {}
+    for role, E in matrices.items():
+        rows[role] = copied_rows(E, match)
+        rows[role][match.new] = mean_embeddings(E[token_ids], len(match.new), opts.mean_sample, opts.seed_for(role))
+    return rows, {"mean_sample": opts.mean_sample, "extrapolated_rows": extrapolated_rows(rows, matrices, match)}
+
+
+def init_random(matrices, match, source_tok, target_tok, helper_rows, opts):
+    """The random-init baseline: every row random (--random_init_method), or with --random_init_rows missing all
+    but the copied ones."""
+    rows = {}
+    for role, E in matrices.items():
+        rows[role] = random_embeddings(match.rows, E, opts.random_init_method, opts.seed_for(role))
+        if opts.random_init_rows == "missing":
+            rows[role][match.copy_target] = E[match.copy_source]
+    return rows, {"random_init_method": opts.random_init_method, "random_init_rows": opts.random_init_rows}
+
+
+def init_source_by_id(matrices, match, source_tok, target_tok, helper_rows, opts):
+    """The study's head: source row i for target token i, whatever token i was; rows past the source's: their
+    mean."""
+    rows = {}
+    for role, E in matrices.items():
+        k = min(match.rows, E.shape[0])
+        rows[role] = torch.cat([E[:k], E.float().mean(0).to(E.dtype).expand(match.rows - k, -1)])
+    return rows, {}
+
+
+def extrapolated_rows(rows, matrices, match):
+    """How many new tokens have a row (in any matrix) longer than every shared source row: no average can be."""
+    beyond = torch.zeros(len(match.new), dtype=torch.bool)
+    for role, E in matrices.items():
+        beyond |= rows[role][match.new].float().norm(dim=1) > longest_row(E[match.shared_source])
+    return int(beyond.sum())
+
+
+class Method(NamedTuple):
+    """A --method: its initialiser, and whether it needs the helper model."""
+    init: Callable
+    needs_helper: bool  # reads the helper model's embeddings (else only the target tokenizer)
+
+
+METHODS = {"clp": Method(init_clp, True), "fvt": Method(init_fvt, False), "mean": Method(init_mean, False)}
+
+
+def matrix_initialisers(opts, tied):
+    """Each matrix's initialiser: the input matrix gets --method's, or the random baseline (--random_init); an
+    untied head what --output_embeddings says: clp the same method as the input, random the random baseline,
+    source_by_id the study's head."""
+    method = METHODS[opts.method].init
+    plan = {"input": init_random if opts.random_init else method}
+    if not tied:
+        plan["output"] = {"clp": method, "random": init_random, "source_by_id": init_source_by_id}[
+            opts.output_embeddings]
+    return plan
 
 
 # -----------------------------------------------------------------------------
-# reading the helper and matching the vocabularies
+# the options: one field per command-line flag, checked once, before any model loads
+
+
+def flag(default, help=None, **cli):
+    """A TransferOptions field: its default and its flag's help (plus argparse's choices or required; method: the
+    one --method the option belongs to)."""
+    return field(default=default, metadata=dict(help=help, **cli))
+
+
+@dataclass
+class TransferOptions:
+    """What apply_clp does: one field per `clp.py apply_clp` flag (the flag's help in the field's metadata), checked
+    when built."""
+    source_model_name_or_path: str = flag(MISSING, "HF-format GPT-NeoX (directory or hub id)", required=True)
+    helper_model_name_or_path: str = flag(None, "any HF causal LM in the target language (needed by clp; fvt and "
+                                                "mean read only its tokenizer)")
+    target_model_path: str = flag(None, "output directory", required=True)
+    helper_tokenizer_name_or_path: str = flag(None, "default: the helper model's tokenizer")
+    method: str = flag("clp", "clp (default): the paper's similarity-weighted average of the shared tokens' rows; "
+                              "fvt: each new token the mean of the source rows of the pieces the source tokenizer "
+                              "splits it into (Fast Vocabulary Transfer); mean: every new row the mean of the source "
+                              "rows. fvt and mean need no helper model, only the target tokenizer")
+    target_tokenizer: str = flag(None, "fvt and mean: the target tokenizer (tokenizer.json, a directory or a hub "
+                                       "id) when there is no helper model")
+    mean_sample: bool = flag(False, "mean: draw each new row from the normal with the source rows' mean and "
+                                    "covariance (Hewitt 2021; seeded by --seed) instead of the plain mean",
+                             method="mean")
+    source_revision: str = flag(None, "hub revision of the source, e.g. step143000")
+    helper_revision: str = flag(None, "hub revision of the helper")
+    seed: int = flag(42, "seeds the random init (output head: seed + 1)")
+    override: bool = flag(False, "replace a non-empty target directory")
+    random_init: bool = flag(False, "the random-init baseline instead of CLP; like the study, randomises ALL input "
+                                    "rows unless --random_init_rows missing (then shared tokens keep their source "
+                                    "rows)", method="clp")
+    random_init_method: str = flag("small_init", "small_init: N(0, sqrt(2/(5d))) (the study's); normal: "
+                                                 "per-dimension N(mean, std) of the source matrix (the original "
+                                                 "clp.py's start); xavier: Glorot normal",
+                                   choices=RANDOM_INIT_METHODS)
+    random_init_rows: str = flag("all", "all (the study's) or only the rows that CLP would compute",
+                                 choices=RANDOM_INIT_ROWS)
+    output_embeddings: str = flag(None, "untied sources: clp (default) applies the same method (clp weights, fvt "
+                                        "pieces, mean) to the source's output rows; source_by_id keeps source row i "
+                                        "for token i (the study); random (default with --random_init) uses the "
+                                        "random init. Tied sources need nothing.", choices=OUTPUT_EMBEDDINGS)
+    weighting: str = flag("dense", "dense: the paper's cos/sum over all shared tokens; topk: the same over the "
+                                   "top_k most similar; sparsemax: CLP+", choices=WEIGHTINGS, method="clp")
+    top_k: int = flag(10)
+    pad_to_multiple_of: int = flag(128, "target rows: the helper tokenizer's size rounded up to this (1: no "
+                                        "padding)")
+    extrapolation_fallback: bool = flag(False, "rows longer than the longest shared source row (a similarity sum "
+                                               "just above zero makes the weights extrapolate; the report counts "
+                                               "them as extrapolated_rows) average over the positive similarities "
+                                               "instead; off by default: the paper's formula as published",
+                                        method="clp")
+    chunk_size: int = flag(1024, "new tokens per step (bounds memory)")
+    device: str = flag("cpu", "cpu or cuda")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.helper_tokenizer_name_or_path and self.target_tokenizer:
+            raise UserError("--target_tokenizer and --helper_tokenizer_name_or_path name the same tokenizer: give one")
+        if METHODS[self.method].needs_helper and not self.helper_model_name_or_path:
+            others = " or ".join(name for name, m in METHODS.items() if not m.needs_helper)
+            raise UserError(f"--method {self.method} needs --helper_model_name_or_path (its embeddings weigh the "
+                            f"shared tokens); --method {others} need only --target_tokenizer")
+        if not (self.helper_model_name_or_path or self.tokenizer_name_or_path):
+            raise UserError(f"--method {self.method} needs the target tokenizer: --target_tokenizer (a "
+                            "tokenizer.json or a directory) or --helper_model_name_or_path")
+        for f in fields(self):
+            only = f.metadata.get("method")
+            if only and getattr(self, f.name) != f.default and self.method != only:
+                raise UserError(f"--{f.name} does not apply to --method {self.method} (only to --method {only})")
+        if self.output_embeddings is None:
+            self.output_embeddings = "random" if self.random_init else "clp"
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise UserError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(allowed)}")
+        for name in ("top_k", "pad_to_multiple_of", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: expected a positive integer")
+        check_device(str(self.device), "device")
+
+    @property
+    def tokenizer_name_or_path(self):
+        """The target tokenizer when it is not the helper directory's."""
+        return self.helper_tokenizer_name_or_path or self.target_tokenizer
+
+    def seed_for(self, role):
+        """The input matrix draws with --seed, the output matrix with --seed + 1: never the same rows."""
+        return self.seed + (role == "output")
+
+
+# -----------------------------------------------------------------------------
+# reading the inputs, each once
+
+
+@dataclass
+class ModelInput:
+    """One input model as the steps use it: its directory, tokenizer (and the path it was read from), special
+    tokens, tokenizer sha256, provenance for the report, and its weights: the source's model, the helper's input
+    embeddings (when the method needs them)."""
+    directory: str
+    tokenizer: object
+    tokenizer_path: str
+    special_tokens: dict
+    tokenizer_sha256: str
+    description: dict = None
+    model: CausalLM = None
+    embedding: torch.Tensor = None
+
+    @functools.cached_property
+    def vocab(self):
+        """token -> id, added tokens included."""
+        return self.tokenizer.get_vocab(with_added_tokens=True)
+
+    @property
+    def num_ids(self):
+        """The id range (ids may have gaps: it can exceed the vocabulary's size)."""
+        return max(self.vocab.values()) + 1
+
+
+def read_input(directory, tokenizer_path, **weights):
+    """A ModelInput: its tokenizer read once, its special tokens and sha256 from it."""
+    tok = load_tokenizer(tokenizer_path)
+    return ModelInput(directory, tok, tokenizer_path, read_special_tokens(tokenizer_path, tok),
+                      tokenizer_sha256(tokenizer_path, tok), **weights)
+
+
+def read_source(opts):
+    """The source model: resolved (a hub id downloaded), loaded in its dtype, with its tokenizer."""
+    directory = resolve_model_dir(opts.source_model_name_or_path, opts.source_revision)
+    model = CausalLM.from_pretrained(directory, dtype="auto")
+    source = read_input(directory, directory, model=model, description=describe_input(
+        opts.source_model_name_or_path, opts.source_revision, directory, weight_files(directory)))
+    rows = model.input_embeddings().weight.shape[0]
+    if source.num_ids > rows:
+        raise UserError(f"{directory}: the embedding has {rows} rows, but the source tokenizer has ids up to "
+                        f"{source.num_ids - 1}")
+    return source
+
+
+def read_helper(opts):
+    """The helper: the target tokenizer (--target_tokenizer, --helper_tokenizer_name_or_path or the helper
+    directory's) and, when the method needs them, the helper model's input embeddings."""
+    needs_weights = METHODS[opts.method].needs_helper
+    directory = None
+    if needs_weights or not opts.tokenizer_name_or_path:
+        directory = resolve_model_dir(opts.helper_model_name_or_path, opts.helper_revision, weights=needs_weights)
+    tokenizer_path = opts.tokenizer_name_or_path or directory
+    if not os.path.isfile(tokenizer_path):  # a tokenizer.json file is used as it is
+        tokenizer_path = resolve_model_dir(tokenizer_path, weights=False)
+    if not needs_weights:
+        return read_input(directory, tokenizer_path)
+    embedding, key, file = load_input_embeddings(directory)
+    helper = read_input(directory, tokenizer_path, embedding=embedding, description={
+        **describe_input(opts.helper_model_name_or_path, opts.helper_revision, directory, [file]),
+        "embedding": key, "embedding_shape": list(embedding.shape)})
+    if helper.num_ids > embedding.shape[0]:
+        raise UserError(f"{file}: {key} has {embedding.shape[0]} rows, but the helper tokenizer ({tokenizer_path}) "
+                        f"has ids up to {helper.num_ids - 1}; tokenizer and model do not belong together")
+    return helper
+
 
 EMBEDDING_KEYS = ("transformer.wte.weight", "wte.weight", "gpt_neox.embed_in.weight", "model.embed_tokens.weight",
                   "embed_tokens.weight", "transformer.word_embeddings.weight", "word_embeddings.weight")
@@ -308,6 +569,18 @@ def load_input_embeddings(path):
         seen += names
     raise UserError(f"{path}: no input-embedding tensor found (looked for {', '.join(EMBEDDING_KEYS)}; the weights "
                     f"hold {', '.join(seen[:6])}{' ...' if len(seen) > 6 else ''})")
+
+
+def describe_input(name_or_path, revision, path, files):
+    """Provenance for the report: what the user named, the hub commit it resolved to, and sha256 of the files read."""
+    parent, commit = os.path.split(os.path.normpath(path))
+    return {"name_or_path": name_or_path, "revision": revision,
+            "commit": commit if os.path.basename(parent) == "snapshots" else None,
+            "files": {os.path.basename(f): sha256_file(f) for f in files}}
+
+
+# -----------------------------------------------------------------------------
+# matching the vocabularies
 
 
 def match_vocabularies(source_vocab, helper_vocab):
@@ -341,12 +614,20 @@ def special_token_rows(helper_special, helper_vocab, source_special, source_voca
     return copies, report
 
 
-def describe_input(name_or_path, revision, path, files):
-    """Provenance for the report: what the user named, the hub commit it resolved to, and sha256 of the files read."""
-    parent, commit = os.path.split(os.path.normpath(path))
-    return {"name_or_path": name_or_path, "revision": revision,
-            "commit": commit if os.path.basename(parent) == "snapshots" else None,
-            "files": {os.path.basename(f): sha256_file(f) for f in files}}
+def match_tokens(source, helper, opts):
+    """The Match of the helper's (the target's) vocabulary against the source's: exact string matches, then the
+    special tokens by role; every other id is new."""
+    shared_source, shared_target, missing = match_vocabularies(source.vocab, helper.vocab)
+    initialisers = matrix_initialisers(opts, source.model.tied).values()
+    if len(shared_source) == 0 and any(init not in (init_random, init_source_by_id) for init in initialisers):
+        raise UserError(f"no shared tokens between the source tokenizer ({source.directory}) and the helper "
+                        f"tokenizer ({helper.tokenizer_path}): CLP needs tokens whose strings both vocabularies have")
+    copies, special_tokens = special_token_rows(helper.special_tokens, helper.vocab, source.special_tokens,
+                                                source.vocab)
+    special_target = torch.tensor(list(copies), dtype=torch.long)
+    return Match(shared_source, shared_target, missing[~torch.isin(missing, special_target)],
+                 round_up(helper.num_ids, opts.pad_to_multiple_of), list(copies.values()), special_target,
+                 special_tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -364,188 +645,94 @@ def check_target(path, override):
         raise UserError(f"{path}: the target directory is not empty (pass --override to replace it)")
 
 
-def check_method(method, helper_model, helper_tokenizer, target_tokenizer, random_init, weighting,
-                 extrapolation_fallback, mean_sample):
-    """The method's inputs and options, checked before any work: clp needs the helper model, fvt and mean only a
-    target tokenizer; each option belongs to one method."""
-    if method not in METHODS:
-        raise UserError(f"method={method!r}: expected one of {', '.join(METHODS)}")
-    if helper_tokenizer and target_tokenizer:
-        raise UserError("--target_tokenizer and --helper_tokenizer_name_or_path name the same tokenizer: give one")
-    if method == "clp" and not helper_model:
-        raise UserError("--method clp needs --helper_model_name_or_path (its embeddings weigh the shared tokens); "
-                        "--method fvt or mean need only --target_tokenizer")
-    if method != "clp" and not (helper_model or helper_tokenizer or target_tokenizer):
-        raise UserError(f"--method {method} needs the target tokenizer: --target_tokenizer (a tokenizer.json or a "
-                        "directory) or --helper_model_name_or_path")
-    for flag, given, only in (("--random_init", random_init, "clp"), ("--weighting", weighting != "dense", "clp"),
-                              ("--extrapolation_fallback", extrapolation_fallback, "clp"),
-                              ("--mean_sample", mean_sample, "mean")):
-        if given and method != only:
-            raise UserError(f"{flag} does not apply to --method {method} (only to --method {only})")
+def initialise(source, helper, match, opts):
+    """Each matrix of the target by its initialiser, the matrices sharing one in one call (CLP's weights computed
+    once). Returns ({"input": rows, "output": rows (untied only)}, the initialisers' report entries)."""
+    model = source.model
+    matrices = {"input": model.input_embeddings().weight.detach()}
+    if not model.tied:
+        matrices["output"] = model.output_embeddings().weight.detach()
+    groups = {}
+    for role, init in matrix_initialisers(opts, model.tied).items():
+        groups.setdefault(init, {})[role] = matrices[role]
+    rows, entries = {}, {}
+    for init, group in groups.items():
+        new_rows, new_entries = init(group, match, source.tokenizer, helper.tokenizer, helper.embedding, opts)
+        rows.update(new_rows)
+        entries.update(new_entries)
+    return {role: rows[role] for role in matrices}, entries
 
 
-def write_target(path, model, tokenizer_src, special_tokens, pad_token_id, report, started=None):
-    """Build the target directory under a temporary name beside `path`, rename it at the end: never half-written.
-    With `started` (a time.time()), the report's seconds include the writing."""
+# report entries an initialiser gives (the value when none does); its other entries follow "method"
+ENTRY_DEFAULTS = {"fallback_rows": 0, "fallback_tokens": [], "extrapolated_rows": 0, "random_init_method": None,
+                  "random_init_rows": None}
+
+
+def build_report(opts, source, helper, match, entries):
+    """clp_report.json: what was asked, what was read (names, commits, sha256), the match and what each step did."""
+    embedding, tied = source.model.input_embeddings().weight, source.model.tied
+    entry = {**ENTRY_DEFAULTS, **entries}
+    clp = opts.method == "clp"
+    return {
+        "method": "random_init" if opts.random_init else opts.method,
+        **{key: value for key, value in entries.items() if key not in ENTRY_DEFAULTS},  # the method's own
+        "source": source.description, "source_tokenizer_sha256": source.tokenizer_sha256,
+        "helper": helper.description,
+        "helper_tokenizer": {"name_or_path": opts.tokenizer_name_or_path or opts.helper_model_name_or_path,
+                             "sha256": helper.tokenizer_sha256},
+        "source_vocab_size": len(source.vocab), "source_embedding_rows": embedding.shape[0],
+        "helper_vocab_size": len(helper.vocab), "target_vocab_size": match.rows,
+        "padding_rows": match.rows - helper.num_ids, "unused_ids": helper.num_ids - len(helper.vocab),
+        "shared_tokens": len(match.shared_source),
+        "shared_fraction": round(len(match.shared_source) / len(helper.vocab), 6),
+        "new_tokens": len(match.new), "special_tokens": match.special_tokens,
+        "weighting": opts.weighting if clp else None, "top_k": opts.top_k if clp and opts.weighting == "topk" else None,
+        "fallback_rows": entry["fallback_rows"], "fallback_tokens": entry["fallback_tokens"],
+        "extrapolated_rows": entry["extrapolated_rows"], "extrapolation_fallback": opts.extrapolation_fallback,
+        "output_embeddings": "tied" if tied else opts.output_embeddings,
+        "random_init": opts.random_init, "random_init_method": entry["random_init_method"],
+        "random_init_rows": entry["random_init_rows"],
+        "seed": opts.seed, "dtype": str(embedding.dtype).removeprefix("torch."), "device": str(opts.device),
+    }
+
+
+def write_target(path, source, helper, rows, report, started):
+    """The target directory: the source's body with the new rows, the helper's tokenizer, clp_report.json. Built
+    under a temporary name beside `path` and renamed at the end: never half-written. The report's seconds (from
+    `started`, a time.time()) include the writing."""
+    ids = {role: helper.vocab.get(helper.special_tokens.get(role)) for role in ("bos_token", "eos_token", "pad_token")}
+    model = source.model.with_embeddings(rows["input"], rows.get("output"), bos_token_id=ids["bos_token"],
+                                         eos_token_id=ids["eos_token"])
+    # a declared special token the tokenizer lacks stays out: transformers would add it as an id past the rows
+    special = {role: token for role, token in helper.special_tokens.items() if token in helper.vocab}
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
-        if pad_token_id is not None:
+        if ids["pad_token"] is not None:
             config = read_json(os.path.join(tmp, "config.json"))
-            write_json(os.path.join(tmp, "config.json"), dict(config, pad_token_id=pad_token_id))
-        save_tokenizer(tokenizer_src, tmp, special_tokens=special_tokens)
-        if started is not None:
-            report["seconds"] = round(time.time() - started, 2)
+            write_json(os.path.join(tmp, "config.json"), dict(config, pad_token_id=ids["pad_token"]))
+        save_tokenizer(helper.tokenizer_path, tmp, special_tokens=special, tokenizer=helper.tokenizer)
+        report["seconds"] = round(time.time() - started, 2)
         write_json(os.path.join(tmp, "clp_report.json"), report)
 
 
-def random_rows(num_rows, method, rows, copy_helper, copy_src, E, seed):
-    """A randomly initialised matrix like E; rows='missing' keeps the shared tokens' source rows."""
-    out = random_embeddings(num_rows, E, method, seed)
-    if rows == "missing":
-        out[copy_helper] = E[copy_src]
-    return out
-
-
-def check_options(output_embeddings, weighting, random_init_method, random_init_rows, top_k, pad_to_multiple_of,
-                  chunk_size, device):
-    """The choices and sizes, checked before any model loads."""
-    for name, value, allowed in (("output_embeddings", output_embeddings, OUTPUT_EMBEDDINGS),
-                                 ("weighting", weighting, WEIGHTINGS),
-                                 ("random_init_method", random_init_method, RANDOM_INIT_METHODS),
-                                 ("random_init_rows", random_init_rows, ("all", "missing"))):
-        if value not in allowed:
-            raise UserError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
-    for name, value in (("top_k", top_k), ("pad_to_multiple_of", pad_to_multiple_of), ("chunk_size", chunk_size)):
-        if int(value) < 1:
-            raise UserError(f"{name}={value}: expected a positive integer")
-    check_device(str(device), "device")
-
-
-def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_model_path=None,
-              helper_tokenizer_name_or_path=None, seed=42, override=False, random_init=False,
-              random_init_method="small_init", random_init_rows="all", output_embeddings=None, weighting="dense",
-              top_k=10, pad_to_multiple_of=128, chunk_size=1024, device="cpu", source_revision=None,
-              helper_revision=None, extrapolation_fallback=False, method="clp", target_tokenizer=None,
-              mean_sample=False):
-    """CLP-Transfer from a HF-format GPT-NeoX source and any HF causal LM helper. Returns (embed_in, embed_out,
-    report); embed_out is None when the source ties its head to the input matrix. With target_model_path, also
-    writes the target: an HF-format directory with the helper's tokenizer and clp_report.json.
-    method fvt or mean: the new rows by FVT or the source mean instead; these read only the target tokenizer
-    (target_tokenizer, or the helper's), no helper weights."""
-    t0 = time.time()
-    check_method(method, helper_model_name_or_path, helper_tokenizer_name_or_path, target_tokenizer, random_init,
-                 weighting, extrapolation_fallback, mean_sample)
-    helper_tokenizer_name_or_path = helper_tokenizer_name_or_path or target_tokenizer
-    if output_embeddings is None:
-        output_embeddings = "random" if random_init else "clp"
-    check_options(output_embeddings, weighting, random_init_method, random_init_rows, top_k, pad_to_multiple_of,
-                  chunk_size, device)
-    if target_model_path:
-        check_target(target_model_path, override)
-
-    source_dir = resolve_model_dir(source_model_name_or_path, source_revision)
-    source = CausalLM.from_pretrained(source_dir, dtype="auto")
-    source_tok = load_tokenizer(source_dir)
-    helper_dir = helper_emb = None
-    if method == "clp" or not helper_tokenizer_name_or_path:  # fvt and mean read the helper's tokenizer only
-        helper_dir = resolve_model_dir(helper_model_name_or_path, helper_revision, weights=method == "clp")
-    if method == "clp":
-        helper_emb, helper_key, helper_file = load_input_embeddings(helper_dir)
-    tok_src = helper_tokenizer_name_or_path or helper_dir
-    if not os.path.isfile(tok_src):  # a tokenizer.json file is used as it is
-        tok_src = resolve_model_dir(tok_src, None if helper_tokenizer_name_or_path else helper_revision, weights=False)
-    helper_tok = load_tokenizer(tok_src)
-
-    source_vocab = source_tok.get_vocab(with_added_tokens=True)
-    helper_vocab = helper_tok.get_vocab(with_added_tokens=True)
-    E_in, tied = source.input_embeddings().weight.detach(), source.tied
-    E_out = None if tied else source.output_embeddings().weight.detach()
-    n_tokens = max(helper_vocab.values()) + 1
-    if helper_emb is not None and n_tokens > helper_emb.shape[0]:
-        raise UserError(f"{helper_file}: {helper_key} has {helper_emb.shape[0]} rows, but the helper tokenizer "
-                        f"({tok_src}) has ids up to {n_tokens - 1}; tokenizer and model do not belong together")
-    if max(source_vocab.values()) >= E_in.shape[0]:
-        raise UserError(f"{source_dir}: the embedding has {E_in.shape[0]} rows, but the source tokenizer has ids up "
-                        f"to {max(source_vocab.values())}")
-    shared_src, shared_helper, missing = match_vocabularies(source_vocab, helper_vocab)
-    if len(shared_src) == 0 and (not random_init or not tied and output_embeddings == "clp"):  # random: none needed
-        raise UserError(f"no shared tokens between the source tokenizer ({source_dir}) and the helper tokenizer "
-                        f"({tok_src}): CLP needs tokens whose strings both vocabularies have")
-    helper_special = read_special_tokens(tok_src)
-    copies, special_report = special_token_rows(helper_special, helper_vocab, read_special_tokens(source_dir),
-                                                source_vocab)
-    missing = missing[~torch.isin(missing, torch.tensor(list(copies), dtype=torch.long))]
-    copy_helper = torch.cat([shared_helper, torch.tensor(list(copies), dtype=torch.long)])
-    copy_src = torch.cat([shared_src, torch.tensor(list(copies.values()), dtype=torch.long)])
-    num_rows = round_up(n_tokens, pad_to_multiple_of)
-
-    # the method (CLP, FVT or mean) for the matrices it initialises (CLP's weights computed once), random init or
-    # the study's head for the rest
-    clp_sources = ([] if random_init else [E_in]) + ([E_out] if not tied and output_embeddings == "clp" else [])
-    fallback, extrapolated = missing[:0], torch.zeros(len(missing), dtype=torch.bool)
-    method_report = {}
-    if clp_sources:
-        if method == "clp":
-            clp_out, fallback = clp_embeddings(clp_sources, helper_emb, shared_src, shared_helper, missing,
-                                               num_rows=num_rows, weighting=weighting, top_k=top_k,
-                                               chunk_size=chunk_size, device=device,
-                                               extrapolation_fallback=extrapolation_fallback)
-        else:
-            clp_out, method_report = init_without_helper(method, clp_sources, source_tok, helper_tok, shared_src,
-                                                         shared_helper, missing, num_rows,
-                                                         sorted(source_vocab.values()), mean_sample, seed, device)
-        for out, E in zip(clp_out, clp_sources):
-            extrapolated |= out[missing].float().norm(dim=1) > longest_row(E[shared_src])
-            out[copy_helper] = E[copy_src]  # adds the special tokens matched by role
-
-    randomised = functools.partial(random_rows, num_rows, random_init_method, random_init_rows, copy_helper, copy_src)
-    embed_in = randomised(E_in, seed) if random_init else clp_out[0]
-    if tied:
-        embed_out = None
-    elif output_embeddings == "clp":
-        embed_out = clp_out[-1]
-    elif output_embeddings == "random":
-        embed_out = randomised(E_out, seed + 1)
-    else:  # source_by_id: the study's head, source row i for helper token i; rows past the source's: their mean
-        k = min(num_rows, E_out.shape[0])
-        embed_out = torch.cat([E_out[:k], E_out.float().mean(0).to(E_out.dtype).expand(num_rows - k, -1)])
-
-    id_to_token = {i: t for t, i in helper_vocab.items()}
-    any_random = random_init or (not tied and output_embeddings == "random")
-    report = {
-        "method": "random_init" if random_init else method, **method_report,
-        "source": describe_input(source_model_name_or_path, source_revision, source_dir,
-                                 weight_files(source_dir)),
-        "source_tokenizer_sha256": tokenizer_sha256(source_dir),
-        "helper": None if helper_emb is None else {
-            **describe_input(helper_model_name_or_path, helper_revision, helper_dir, [helper_file]),
-            "embedding": helper_key, "embedding_shape": list(helper_emb.shape)},
-        "helper_tokenizer": {"name_or_path": helper_tokenizer_name_or_path or helper_model_name_or_path,
-                             "sha256": tokenizer_sha256(tok_src)},
-        "source_vocab_size": len(source_vocab), "source_embedding_rows": E_in.shape[0],
-        "helper_vocab_size": len(helper_vocab), "target_vocab_size": num_rows,
-        "padding_rows": num_rows - n_tokens, "unused_ids": n_tokens - len(helper_vocab),
-        "shared_tokens": len(shared_src), "shared_fraction": round(len(shared_src) / len(helper_vocab), 6),
-        "new_tokens": len(missing), "special_tokens": special_report,
-        "weighting": weighting if method == "clp" else None,
-        "top_k": top_k if weighting == "topk" and method == "clp" else None,
-        "fallback_rows": len(fallback), "fallback_tokens": [id_to_token[int(i)] for i in fallback[:20]],
-        "extrapolated_rows": int(extrapolated.sum()), "extrapolation_fallback": extrapolation_fallback,
-        "output_embeddings": "tied" if tied else output_embeddings,
-        "random_init": random_init, "random_init_method": random_init_method if any_random else None,
-        "random_init_rows": random_init_rows if any_random else None,
-        "seed": seed, "dtype": str(E_in.dtype).removeprefix("torch."), "device": str(device),
-    }
-    report["seconds"] = round(time.time() - t0, 2)
-    if target_model_path:
-        ids = {role: helper_vocab.get(helper_special.get(role)) for role in ("bos_token", "eos_token", "pad_token")}
-        model = source.with_embeddings(embed_in, embed_out, bos_token_id=ids["bos_token"],
-                                       eos_token_id=ids["eos_token"])
-        # a declared special token the tokenizer lacks stays out: transformers would add it as an id past the rows
-        special = {role: token for role, token in helper_special.items() if token in helper_vocab}
-        write_target(target_model_path, model, tok_src, special, ids["pad_token"], report, started=t0)
-    return embed_in, embed_out, report
+def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_model_path=None, **options):
+    """CLP-Transfer (or FVT, mean, the random baseline) from a HF-format source and a helper: read -> match ->
+    initialise -> report -> write. options: TransferOptions' fields (the command-line flags). Returns (embed_in,
+    embed_out, report); embed_out is None when the source ties its head to the input matrix. With
+    target_model_path, also writes the target: an HF-format directory with the helper's tokenizer and
+    clp_report.json."""
+    started = time.time()
+    opts = TransferOptions(source_model_name_or_path, helper_model_name_or_path, target_model_path, **options)
+    if opts.target_model_path:
+        check_target(opts.target_model_path, opts.override)
+    source, helper = read_source(opts), read_helper(opts)
+    match = match_tokens(source, helper, opts)
+    rows, entries = initialise(source, helper, match, opts)
+    report = build_report(opts, source, helper, match, entries)
+    report["seconds"] = round(time.time() - started, 2)
+    if opts.target_model_path:
+        write_target(opts.target_model_path, source, helper, rows, report, started)
+    return rows["input"], rows.get("output"), report
 
 
 # -----------------------------------------------------------------------------
@@ -557,52 +744,13 @@ def main(argv=None):
                                      "tokenizer, its embeddings initialised from the source's.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("apply_clp", help="build the target model directory")
-    p.add_argument("--source_model_name_or_path", required=True, help="HF-format GPT-NeoX (directory or hub id)")
-    p.add_argument("--helper_model_name_or_path", default=None,
-                   help="any HF causal LM in the target language (needed by clp; fvt and mean read only its "
-                        "tokenizer)")
-    p.add_argument("--target_model_path", required=True, help="output directory")
-    p.add_argument("--helper_tokenizer_name_or_path", default=None, help="default: the helper model's tokenizer")
-    p.add_argument("--method", default="clp",
-                   help="clp (default): the paper's similarity-weighted average of the shared tokens' rows; fvt: "
-                        "each new token the mean of the source rows of the pieces the source tokenizer splits it "
-                        "into (Fast Vocabulary Transfer); mean: every new row the mean of the source rows. fvt "
-                        "and mean need no helper model, only the target tokenizer")
-    p.add_argument("--target_tokenizer", default=None,
-                   help="fvt and mean: the target tokenizer (tokenizer.json, a directory or a hub id) when there "
-                        "is no helper model")
-    p.add_argument("--mean_sample", action="store_true",
-                   help="mean: draw each new row from the normal with the source rows' mean and covariance "
-                        "(Hewitt 2021; seeded by --seed) instead of the plain mean")
-    p.add_argument("--source_revision", default=None, help="hub revision of the source, e.g. step143000")
-    p.add_argument("--helper_revision", default=None, help="hub revision of the helper")
-    p.add_argument("--seed", type=int, default=42, help="seeds the random init (output head: seed + 1)")
-    p.add_argument("--override", action="store_true", help="replace a non-empty target directory")
-    p.add_argument("--random_init", action="store_true",
-                   help="the random-init baseline instead of CLP; like the study, randomises ALL input rows unless "
-                        "--random_init_rows missing (then shared tokens keep their source rows)")
-    p.add_argument("--random_init_method", choices=RANDOM_INIT_METHODS, default="small_init",
-                   help="small_init: N(0, sqrt(2/(5d))) (the study's); normal: per-dimension N(mean, std) of the "
-                        "source matrix (the original clp.py's start); xavier: Glorot normal")
-    p.add_argument("--random_init_rows", choices=("all", "missing"), default="all",
-                   help="all (the study's) or only the rows that CLP would compute")
-    p.add_argument("--output_embeddings", choices=OUTPUT_EMBEDDINGS, default=None,
-                   help="untied sources: clp (default) applies the same method (clp weights, fvt pieces, mean) to "
-                        "the source's output rows; "
-                        "source_by_id keeps source row i for token i (the study); random (default with "
-                        "--random_init) uses the random init. Tied sources need nothing.")
-    p.add_argument("--weighting", choices=WEIGHTINGS, default="dense",
-                   help="dense: the paper's cos/sum over all shared tokens; topk: the same over the top_k most "
-                        "similar; sparsemax: CLP+")
-    p.add_argument("--top_k", type=int, default=10)
-    p.add_argument("--pad_to_multiple_of", type=int, default=128,
-                   help="target rows: the helper tokenizer's size rounded up to this (1: no padding)")
-    p.add_argument("--extrapolation_fallback", action="store_true",
-                   help="rows longer than the longest shared source row (a similarity sum just above zero makes "
-                        "the weights extrapolate; the report counts them as extrapolated_rows) average over the "
-                        "positive similarities instead; off by default: the paper's formula as published")
-    p.add_argument("--chunk_size", type=int, default=1024, help="new tokens per step (bounds memory)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    for f in fields(TransferOptions):
+        cli = {k: v for k, v in f.metadata.items() if k != "method"}
+        if isinstance(f.default, bool):
+            cli["action"] = "store_true"
+        elif f.default is not MISSING:
+            cli.update(default=f.default, type=type(f.default) if isinstance(f.default, int) else None)
+        p.add_argument(f"--{f.name}", **cli)
     args = vars(parser.parse_args(argv))
     args.pop("command")
     _, _, report = apply_clp(**args)

@@ -192,23 +192,24 @@ def load_tokenizer(path):
     raise UserError(f"{path}: no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt)")
 
 
-def tokenizer_sha256(path):
+def tokenizer_sha256(path, tokenizer=None):
     """Identity of a tokenizer: sha256 of its tokenizer.json file, or for a vocab.json + merges.txt pair, of the
-    tokenizer.json that `save_tokenizer` writes for it. Token files and models carry it so they cannot be mixed up."""
+    tokenizer.json that `save_tokenizer` writes for it. Token files and models carry it so they cannot be mixed up.
+    `tokenizer`: the one read from `path`, when the caller holds it (not read again)."""
     file = tokenizer_file(path)
     if os.path.isfile(file):
         return sha256_file(file)
-    return hashlib.sha256(load_tokenizer(path).to_str().encode()).hexdigest()
+    return hashlib.sha256((tokenizer or load_tokenizer(path)).to_str().encode()).hexdigest()
 
 
 SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def save_tokenizer(src, out_dir, special_tokens=None):
+def save_tokenizer(src, out_dir, special_tokens=None, tokenizer=None):
     """Write tokenizer.json (copied byte for byte when `src` has one) plus tokenizer_config.json and
     special_tokens_map.json, so transformers' AutoTokenizer and lm-evaluation-harness load the directory.
     `special_tokens` maps roles (eos_token, ...) to token strings; by default the source's files say, else
-    <|endoftext|> when the vocabulary has it."""
+    <|endoftext|> when the vocabulary has it. `tokenizer`: the one read from `src`, when the caller holds it."""
     os.makedirs(out_dir, exist_ok=True)
     src_file = tokenizer_file(src)
     dst_file = os.path.join(out_dir, "tokenizer.json")
@@ -218,9 +219,9 @@ def save_tokenizer(src, out_dir, special_tokens=None):
                 shutil.copyfile(src_file, tmp)
     else:
         with atomic_path(dst_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(load_tokenizer(src).to_str())
+            f.write((tokenizer or load_tokenizer(src)).to_str())
     if special_tokens is None:
-        special_tokens = read_special_tokens(src)
+        special_tokens = read_special_tokens(src, tokenizer)
     model_max_length = int(1e30)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False, **special_tokens}
@@ -228,9 +229,10 @@ def save_tokenizer(src, out_dir, special_tokens=None):
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special_tokens)
 
 
-def read_special_tokens(src):
+def read_special_tokens(src, tokenizer=None):
     """Roles -> token strings from a model directory's tokenizer_config.json / special_tokens_map.json, falling back
-    to <|endoftext|> (the GPT-2 / GPT-NeoX convention) for bos, eos and unk when the vocabulary has it."""
+    to <|endoftext|> (the GPT-2 / GPT-NeoX convention) for bos, eos and unk when the vocabulary has it.
+    `tokenizer`: the one read from `src`, when the caller holds it."""
     found = {}
     if os.path.isdir(src):
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -242,7 +244,7 @@ def read_special_tokens(src):
                     if isinstance(value, str) and role not in found:
                         found[role] = value
     if not found:
-        tok = load_tokenizer(src)
+        tok = tokenizer or load_tokenizer(src)
         if tok.token_to_id("<|endoftext|>") is not None:
             found = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
     return found

@@ -49,6 +49,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -601,68 +602,97 @@ def train_tokenizer_on(docs, vocab_size, out_dir, progress=False):
     return path
 
 
-def prepare(sources, output_dir, tokenizer=None, *, tokenizer_revision=None, subsample_size_mb=None,
-            valid_percent=10.0, validation_sources=None, text_field="text", txt_documents="file",
-            dataset_config_name=None, dataset_revision=None, train_tokenizer=False, vocab_size=None,
-            override=False, batch_mb=1.0, progress=True):
+@dataclass
+class PrepareOptions:
+    """How prepare reads, splits and tokenizes (data.py's flags but the sources and --output_dir), checked before any
+    text is read."""
+    tokenizer: str = None
+    tokenizer_revision: str = None
+    subsample_size_mb: float = None
+    valid_percent: float = 10.0
+    validation_sources: list = None
+    text_field: str = "text"
+    txt_documents: str = "file"
+    dataset_config_name: str = None
+    dataset_revision: str = None
+    train_tokenizer: bool = False
+    vocab_size: int = None
+    override: bool = False
+    batch_mb: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if bool(self.tokenizer) == bool(self.train_tokenizer):
+            raise UserError("give either --tokenizer (an existing tokenizer) or --train_tokenizer --vocab_size N")
+        if self.train_tokenizer and not (self.vocab_size and self.vocab_size > 257):
+            raise UserError(f"--train_tokenizer needs --vocab_size above 257 (the 256 bytes and <|endoftext|>), "
+                            f"got {self.vocab_size}")
+        if self.subsample_size_mb is not None and not self.subsample_size_mb > 0:
+            raise UserError(f"--subsample_size_mb {self.subsample_size_mb}: expected a size in MiB above 0")
+        if self.validation_sources is None:
+            if self.subsample_size_mb is None:
+                raise UserError("--subsample_size_mb is needed to split off validation data (the first N MiB go to "
+                                "train, the next --valid_percent % to validation), or give --validation_dataset_name")
+            if not 0 < self.valid_percent <= 100:
+                raise UserError(f"--valid_percent {self.valid_percent}: expected a percentage in (0, 100]")
+
+    @property
+    def train_bytes(self):
+        """Train's share of the text in bytes (None: all of it)."""
+        return self.subsample_size_mb * MiB if self.subsample_size_mb else None
+
+    @property
+    def val_bytes(self):
+        """Validation's share, when it is split off after train (None: a validation source, read whole)."""
+        return None if self.validation_sources else self.train_bytes * self.valid_percent / 100
+
+
+def prepare(sources, output_dir, tokenizer=None, **options):
     """Sources -> output_dir/{train.bin, val.bin, meta.json} (and tokenizer.json with train_tokenizer). The Python
-    API under the CLI; returns the meta.json dict."""
-    # check everything that can be checked before reading any text
-    if bool(tokenizer) == bool(train_tokenizer):
-        raise UserError("give either --tokenizer (an existing tokenizer) or --train_tokenizer --vocab_size N")
-    if train_tokenizer and not (vocab_size and vocab_size > 257):
-        raise UserError(f"--train_tokenizer needs --vocab_size above 257 (the 256 bytes and <|endoftext|>), "
-                        f"got {vocab_size}")
-    if subsample_size_mb is not None and not subsample_size_mb > 0:
-        raise UserError(f"--subsample_size_mb {subsample_size_mb}: expected a size in MiB above 0")
-    if validation_sources is None:
-        if subsample_size_mb is None:
-            raise UserError("--subsample_size_mb is needed to split off validation data (the first N MiB go to "
-                            "train, the next --valid_percent % to validation), or give --validation_dataset_name")
-        if not 0 < valid_percent <= 100:
-            raise UserError(f"--valid_percent {valid_percent}: expected a percentage in (0, 100]")
+    API under the CLI; options: PrepareOptions' fields. Returns the meta.json dict."""
+    opts = PrepareOptions(tokenizer, **options)  # everything that can be checked before reading any text
     output_dir = os.path.normpath(output_dir)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"{output_dir}: exists and is not a directory")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not override:
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not opts.override:
         raise UserError(f"{output_dir}: exists and is not empty; pass --override to replace it")
     if tokenizer:
-        tok, tok_path, sha, eos_id, eos = resolve_tokenizer(tokenizer, tokenizer_revision)
-    train_opened = open_sources(sources, dataset_config_name, dataset_revision)
-    val_opened = open_sources(validation_sources, dataset_config_name, dataset_revision) if validation_sources else []
-    train_bytes = subsample_size_mb * MiB if subsample_size_mb else None
-    val_bytes = None if validation_sources else train_bytes * valid_percent / 100
+        tok, tok_path, sha, eos_id, eos = resolve_tokenizer(tokenizer, opts.tokenizer_revision)
+    train_opened = open_sources(sources, opts.dataset_config_name, opts.dataset_revision)
+    val_opened = (open_sources(opts.validation_sources, opts.dataset_config_name, opts.dataset_revision)
+                  if opts.validation_sources else [])
     stats = {}
 
     def items():
-        yield from split_documents(documents(train_opened, text_field, txt_documents, stats), train_bytes, val_bytes)
-        if val_opened:
-            for doc in documents(val_opened, text_field, txt_documents, stats):
-                yield "val", doc, len(doc.encode("utf-8"))
+        yield from split_documents(documents(train_opened, opts.text_field, opts.txt_documents, stats),
+                                   opts.train_bytes, opts.val_bytes)
+        for doc in documents(val_opened, opts.text_field, opts.txt_documents, stats):
+            yield "val", doc, len(doc.encode("utf-8"))
 
     with atomic_dir(output_dir) as tmp:  # --override: the old directory goes only once the new one is complete
-        if train_tokenizer:
+        if opts.train_tokenizer:
             train_docs = (doc for _, doc, _ in itertools.takewhile(lambda item: item[0] == "train", items()))
-            tok_path = train_tokenizer_on(train_docs, vocab_size, tmp, progress)
+            tok_path = train_tokenizer_on(train_docs, opts.vocab_size, tmp, opts.progress)
             tok, _, sha, eos_id, eos = resolve_tokenizer(tok_path)
             stats["undecodable_documents"] = 0  # counted again while tokenizing; the warnings are not repeated
         vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # the id range, which the count may not be
         dtype = token_dtype(vocab)
-        total = (train_bytes + (val_bytes or 0)) if train_bytes and not val_opened else None
-        counts = write_tokens(items(), tok, eos_id, dtype, tmp, int(batch_mb * MiB), progress and (total or True))
-        check_split_sizes(counts, train_bytes, val_bytes, sources, validation_sources)
+        total = (opts.train_bytes + (opts.val_bytes or 0)) if opts.train_bytes and not val_opened else None
+        counts = write_tokens(items(), tok, eos_id, dtype, tmp, int(opts.batch_mb * MiB),
+                              opts.progress and (total or True))
+        check_split_sizes(counts, sources, opts)
         meta = {
             "dtype": dtype, "vocab_size": vocab, "eos_token_id": eos_id, "eos_token": eos,
-            "tokenizer": "tokenizer.json" if train_tokenizer else tokenizer,
-            "tokenizer_revision": tokenizer_revision, "tokenizer_sha256": sha,
-            "tokenizer_file": "tokenizer.json" if train_tokenizer else os.path.abspath(tok_path),
+            "tokenizer": "tokenizer.json" if opts.train_tokenizer else tokenizer,
+            "tokenizer_revision": opts.tokenizer_revision, "tokenizer_sha256": sha,
+            "tokenizer_file": "tokenizer.json" if opts.train_tokenizer else os.path.abspath(tok_path),
             "splits": {s: {"file": f"{s}.bin", **c} for s, c in counts.items()},
-            "split_rule": {"subsample_size_mb": subsample_size_mb,
-                           "valid_percent": None if validation_sources else valid_percent,
+            "split_rule": {"subsample_size_mb": opts.subsample_size_mb,
+                           "valid_percent": None if opts.validation_sources else opts.valid_percent,
                            "MB": "MiB, 2**20 bytes of UTF-8 text; documents in source order, never split"},
             "tokens": "each document's ids followed by eos_token_id; tokens counts include them",
             "sources": {"train": [d for d, _ in train_opened], "val": [d for d, _ in val_opened] or "after train"},
-            "text_field": text_field, "txt_documents": txt_documents,
+            "text_field": opts.text_field, "txt_documents": opts.txt_documents,
             "undecodable_documents": stats.get("undecodable_documents", 0),
             "undecodable_files": stats.get("undecodable_files", [])[:20],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -671,9 +701,10 @@ def prepare(sources, output_dir, tokenizer=None, *, tokenizer_revision=None, sub
     return meta
 
 
-def check_split_sizes(counts, train_bytes, val_bytes, sources, validation_sources):
+def check_split_sizes(counts, sources, opts):
     """A source that ends before the split rule is satisfied is an error (the study's script crashed there)."""
     train, val = counts["train"], counts["val"]
+    train_bytes, val_bytes, validation_sources = opts.train_bytes, opts.val_bytes, opts.validation_sources
     if not train["documents"]:
         raise UserError(f"{_names(sources)}: no documents (empty files, or nothing but white space)")
     if validation_sources and not val["documents"]:

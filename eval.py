@@ -532,10 +532,9 @@ def score_task(lm, prepared):
                      if split == "test" or prepared.num_fewshot}}
 
 
-def evaluate_task(model, tokenizer, task, num_fewshot=0, limit=None, seed=42, batch_size=8, max_length=None,
-                  prefix_token_id=None, dtype=None, data=None, progress=True):
-    """acc, macro_f1 and n of one task (a name, a definition path or dict); `data` as for prepare_task."""
-    lm = make_lm(model, tokenizer, max_length, batch_size, prefix_token_id, dtype, progress)
+def evaluate_task(lm, task, data=None, num_fewshot=0, limit=None, seed=42):
+    """acc, macro_f1 and n of one task (a name, a definition path or dict) scored by `lm` (make_lm: the model, its
+    tokenizer and the window); `data` as for prepare_task."""
     return score_task(lm, prepare_task(task, data, num_fewshot, limit, seed))
 
 

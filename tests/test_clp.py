@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import hf_neox, make_hub_cache, run_py
 
-from clp import apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax
+from clp import Match, TransferOptions, apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax
 from common import UserError, load_tokenizer, save_tokenizer, sha256_file
 from model import GPTNeoX
 
@@ -36,13 +36,13 @@ BY_HAND = torch.tensor([
 
 
 def test_formula_copy_rule_and_fallback_by_hand():
-    out, fallback = clp_embeddings(SRC, H, SHARED_SRC, SHARED_HELPER, MISSING, num_rows=10, chunk_size=4)
+    out, fallback = clp_embeddings(SRC, H, Match(SHARED_SRC, SHARED_HELPER, MISSING, rows=10), chunk_size=4)
     torch.testing.assert_close(out, BY_HAND, rtol=0, atol=1e-6)
     assert fallback.tolist() == [6, 7, 8]
     # several source matrices (input and output embeddings) get the same weights; the dtype is the source's, and
     # copied rows are bit-identical
     src16 = (SRC * 3 + torch.randn(5, 3, generator=torch.Generator().manual_seed(0))).half()
-    (a, b), _ = clp_embeddings([SRC, src16], H, SHARED_SRC, SHARED_HELPER, MISSING, num_rows=10)
+    (a, b), _ = clp_embeddings([SRC, src16], H, Match(SHARED_SRC, SHARED_HELPER, MISSING, rows=10))
     assert a.dtype == torch.float32 and b.dtype == torch.float16
     assert torch.equal(b[[0, 1, 2]], src16[SHARED_SRC])
     torch.testing.assert_close(b[3:].float(), (BY_HAND[3:] @ src16[SHARED_SRC].float()).half().float())
@@ -54,26 +54,27 @@ def test_extrapolation_fallback_by_hand():
     (.71, .71) -> (.5, .5, 0); (.6, .8) -> (3/7, 4/7, 0); (1, 3)/sqrt(10) -> (0, .25, .75). The paper's a + b - c
     for source rows a = (1, 0), b = (0, 1), c = (1, 1) is (0, 0), within reach of an average: kept. t = (1, .05) has
     cosines (.9988, .0499, -.9988), weights (20, 1, -20), the sum (0, -19): replaced by (.9524, .0476, 0)."""
-    out, fallback = clp_embeddings(SRC, H, SHARED_SRC, SHARED_HELPER, MISSING, num_rows=10,
+    out, fallback = clp_embeddings(SRC, H, Match(SHARED_SRC, SHARED_HELPER, MISSING, rows=10),
                                    extrapolation_fallback=True)
     torch.testing.assert_close(out[3:6], torch.tensor([[.5, .5, 0], [3 / 7, 4 / 7, 0], [0, .25, .75]]))
     torch.testing.assert_close(out[6:], BY_HAND[6:])
     assert fallback.tolist() == [3, 4, 5, 6, 7, 8]
     helper = torch.tensor([[1., 0], [0, 1], [-1, 0], [1, 1], [1, .05]])
     src = torch.tensor([[1., 0], [0, 1], [1, 1]])
-    paper, fallback = clp_embeddings(src, helper, [0, 1, 2], [0, 1, 2], [3, 4])
+    paper, fallback = clp_embeddings(src, helper, Match([0, 1, 2], [0, 1, 2], [3, 4], rows=5))
     torch.testing.assert_close(paper[3:], torch.tensor([[0., 0], [0, -19]]), rtol=0, atol=1e-4)
     assert fallback.numel() == 0
-    guarded, fallback = clp_embeddings(src, helper, [0, 1, 2], [0, 1, 2], [3, 4], extrapolation_fallback=True)
+    guarded, fallback = clp_embeddings(src, helper, Match([0, 1, 2], [0, 1, 2], [3, 4], rows=5),
+                                        extrapolation_fallback=True)
     torch.testing.assert_close(guarded[3:], torch.tensor([[0., 0], [1 / 1.05, .05 / 1.05]]), rtol=0, atol=1e-5)
     assert fallback.tolist() == [4]
 
 
 def test_topk_and_sparsemax_by_hand():
-    topk, fb = clp_embeddings(SRC, H, SHARED_SRC, SHARED_HELPER, MISSING, weighting="topk", top_k=2)
+    topk, fb = clp_embeddings(SRC, H, Match(SHARED_SRC, SHARED_HELPER, MISSING, rows=9), weighting="topk", top_k=2)
     torch.testing.assert_close(topk[3:6], torch.tensor([[.5, .5, 0], [3 / 7, 4 / 7, 0], [0, .25, .75]]))
     assert fb.tolist() == [6, 7, 8]
-    sp, fb = clp_embeddings(SRC, H, SHARED_SRC, SHARED_HELPER, MISSING, weighting="sparsemax")
+    sp, fb = clp_embeddings(SRC, H, Match(SHARED_SRC, SHARED_HELPER, MISSING, rows=9), weighting="sparsemax")
     torch.testing.assert_close(sp[3:9], torch.tensor([[.5, .5, 0], [.4, .6, 0], [0, .5 - r10, .5 + r10], [0, 0, 1],
                                                       [third, third, third], [.5, 0, .5]]))
     assert fb.numel() == 0
@@ -116,8 +117,8 @@ def test_matches_reference(weighting):
     perm = torch.randperm(250, generator=g)
     shared_helper, missing = torch.arange(0, 300, 2), torch.arange(1, 300, 2)
     shared_src = perm[:150]
-    out, fb = clp_embeddings(src, helper, shared_src, shared_helper, missing, weighting=weighting, top_k=7,
-                             chunk_size=13)
+    out, fb = clp_embeddings(src, helper, Match(shared_src, shared_helper, missing, rows=300), weighting=weighting,
+                             top_k=7, chunk_size=13)
     ref = reference_clp(src, helper, shared_src, shared_helper, missing, weighting, top_k=7)
     assert fb.numel() == 0
     torch.testing.assert_close(out[missing].double(), ref, rtol=1e-4, atol=1e-5)
@@ -358,8 +359,8 @@ def test_realistic_overlap_pythia_gpt2(real_tokenizers):
     assert pairs[hv["Ġthe"]] == sv["Ġthe"]
     # the fast path at this overlap (narrow random matrices): every GPT-2 id gets a row
     g = torch.Generator().manual_seed(0)
-    out, fb = clp_embeddings(torch.randn(50304, 8, generator=g), torch.randn(50257, 8, generator=g) + 3, shared_src,
-                             shared_helper, missing, num_rows=50304)
+    out, fb = clp_embeddings(torch.randn(50304, 8, generator=g), torch.randn(50257, 8, generator=g) + 3,
+                             Match(shared_src, shared_helper, missing, rows=50304))
     assert out.shape == (50304, 8) and torch.isfinite(out).all() and fb.numel() == 0
 
 
@@ -513,7 +514,7 @@ def test_byte_level_alphabet_is_gpt2s():
 
 def test_fvt_and_mean_on_real_pythia_and_gpt2_tokenizers(real_tokenizers):
     """Pythia's tokenizer as source (a random 50304 x 16 matrix), GPT-2's as target."""
-    from clp import init_without_helper
+    from clp import init_fvt, init_mean
 
     src_tok, tgt_tok = load_tokenizer(real_tokenizers["pythia"]), load_tokenizer(real_tokenizers["gpt2"])
     sv, tv = src_tok.get_vocab(with_added_tokens=True), tgt_tok.get_vocab(with_added_tokens=True)
@@ -521,11 +522,17 @@ def test_fvt_and_mean_on_real_pythia_and_gpt2_tokenizers(real_tokenizers):
     g = torch.Generator().manual_seed(0)
     E = torch.randn(50304, 16, generator=g) * torch.rand(50304, 1, generator=g) + 0.3
     token_ids = sorted(sv.values())
-    (fvt,), report = init_without_helper("fvt", [E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304, token_ids)
+    match = Match(shared_src, shared_tgt, new, rows=50304)
+    options = dict(source_model_name_or_path="pythia", target_tokenizer="gpt2")
+    fvt_options, sample_options = (TransferOptions(**options, method="fvt"),
+                                   TransferOptions(**options, method="mean", mean_sample=True, seed=5))
+    rows, report = init_fvt({"input": E}, match, src_tok, tgt_tok, None, fvt_options)
+    fvt = rows["input"]
     print(f"fvt, Pythia -> GPT-2: {report['fvt']}")
-    (mean, sampled), _ = (init_without_helper("mean", [E, E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304,
-                                              token_ids, mean_sample=True, seed=5))
-    (plain,), _ = init_without_helper("mean", [E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304, token_ids)
+    rows, _ = init_mean({"input": E, "output": E}, match, src_tok, tgt_tok, None, sample_options)
+    mean, sampled = rows["input"], rows["output"]
+    plain = init_mean({"input": E}, match, src_tok, tgt_tok, None, TransferOptions(**options, method="mean"))[0]
+    plain = plain["input"]
     for out in (fvt, mean, sampled, plain):
         assert out.shape == (50304, 16) and torch.isfinite(out).all()
         assert torch.equal(out[shared_tgt], E[shared_src])
@@ -551,9 +558,8 @@ def test_fvt_and_mean_on_real_pythia_and_gpt2_tokenizers(real_tokenizers):
     torch.testing.assert_close(sampled[new].mean(0), E[token_ids].mean(0), atol=0.02, rtol=0)
     torch.testing.assert_close(torch.cov(sampled[new].T), torch.cov(E[token_ids].T), atol=0.02, rtol=0.05)
     assert not torch.equal(mean[new], sampled[new])  # input and output matrices: different draws
-    again, _ = init_without_helper("mean", [E, E], src_tok, tgt_tok, shared_src, shared_tgt, new, 50304, token_ids,
-                                   mean_sample=True, seed=5)
-    assert torch.equal(again[0], mean) and torch.equal(again[1], sampled)
+    again, _ = init_mean({"input": E, "output": E}, match, src_tok, tgt_tok, None, sample_options)
+    assert torch.equal(again["input"], mean) and torch.equal(again["output"], sampled)
 
 
 def test_mean_method_and_method_errors(tiny, tmp_path):

@@ -131,7 +131,7 @@ def test_task_equals_by_hand_loglikelihood_argmax(tiny, tmp_path):
                   for y, v in labels.items()}
         gold.append(r["y"])
         pred.append(max(scores, key=scores.get))
-    result = ev.evaluate_task(model, tok, task, batch_size=4, prefix_token_id=EOT)
+    result = ev.evaluate_task(ev.make_lm(model, tok, batch_size=4, prefix_token_id=EOT), task)
     assert result["n"] == len(records) and result["num_fewshot"] == 0
     assert result["pred_counts"] == {y: pred.count(y) for y in set(pred)}
     assert result["acc"] == pytest.approx(sum(g == p for g, p in zip(gold, pred)) / len(gold))
@@ -142,8 +142,9 @@ def test_task_equals_by_hand_loglikelihood_argmax(tiny, tmp_path):
     examples, requests = ev.task_requests(definition, ev.load_split(definition, ev.task_sources(definition), "test")[0],
                                           train=[{"satz": "Schön.", "label": "pos"}] * 2, num_fewshot=2, seed=1)
     assert requests[0][0] == ("Schön.\n\nBewertung: gut\n\n" * 2 + examples[0]["satz"] + "\n\nBewertung:", " gut")
-    again = ev.evaluate_task(model, tok, task, num_fewshot=2, seed=3, prefix_token_id=EOT)
-    assert again == ev.evaluate_task(model, tok, task, num_fewshot=2, seed=3, prefix_token_id=EOT, batch_size=1)
+    again = ev.evaluate_task(ev.make_lm(model, tok, prefix_token_id=EOT), task, num_fewshot=2, seed=3)
+    assert again == ev.evaluate_task(ev.make_lm(model, tok, prefix_token_id=EOT, batch_size=1), task, num_fewshot=2,
+                                     seed=3)
 
 
 def test_rolling_task_equals_by_hand_sequence_loglikelihood(tiny, tmp_path):
@@ -156,7 +157,7 @@ def test_rolling_task_equals_by_hand_sequence_loglikelihood(tiny, tmp_path):
         scores = {y: sum(token_logprobs(ref, [EOT], tok.encode(f"{r['a']}, richtig? {v}, {r['b']}",
                                                              add_special_tokens=False).ids)) for y, v in labels.items()}
         pred.append(max(scores, key=scores.get))
-    result = ev.evaluate_task(model, tok, task, batch_size=2, prefix_token_id=EOT)
+    result = ev.evaluate_task(ev.make_lm(model, tok, batch_size=2, prefix_token_id=EOT), task)
     gold = [str(r["y"]) for r in records]
     assert result["acc"] == pytest.approx(sum(g == p for g, p in zip(gold, pred)) / 3)
     assert result["pred_counts"] == {y: pred.count(y) for y in set(pred)}
@@ -173,8 +174,8 @@ def test_germeval2018_reads_the_original_files(tiny, monkeypatch):
     assert (len(test), len(train), skipped) == (100, 100, 0)
     assert {e["label"] for e in test} == {"OFFENSE", "OTHER"} and "|LBR|" in "".join(e["text"] for e in test)
     monkeypatch.delenv("EVAL_DATA_DIR")  # the same files given as a directory
-    r = ev.evaluate_task(model, tok, "germeval2018_coarse", data=os.path.join(EVAL_DATA, "germeval2018"), limit=4,
-                         num_fewshot=1, prefix_token_id=EOT)
+    r = ev.evaluate_task(ev.make_lm(model, tok, prefix_token_id=EOT), "germeval2018_coarse",
+                         data=os.path.join(EVAL_DATA, "germeval2018"), limit=4, num_fewshot=1)
     assert r["n"] == 4 and 0 <= r["acc"] <= 1 and r["data"]["train"].endswith("germeval2018.training.txt")
 
 
@@ -235,9 +236,9 @@ def test_bad_input(tiny, tmp_path, monkeypatch):
     bad = {"name": "t", "data": {"test": str(tmp_path / "t.jsonl")}, "label_field": "y", "labels": {"yes": "ja"},
            "prompt": "{s}", "scoring": "loglikelihood"}
     with pytest.raises(UserError, match="'maybe', which is not among the labels yes"):
-        ev.evaluate_task(model, tok, bad)
+        ev.evaluate_task(ev.make_lm(model, tok), bad)
     with pytest.raises(UserError, match="has no field 'text'"):
-        ev.evaluate_task(model, tok, {**bad, "prompt": "{text}"})
+        ev.evaluate_task(ev.make_lm(model, tok), {**bad, "prompt": "{text}"})
     with pytest.raises(UserError, match="unknown keys promt"):
         ev.load_task({**bad, "promt": "{s}"})
     with pytest.raises(UserError, match="must contain {label} exactly when scoring is 'rolling'"):
