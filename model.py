@@ -235,10 +235,6 @@ class LlamaConfig:
         return self.attention_bias or self.model_type == "qwen2"
 
     @property
-    def o_bias(self):
-        return self.attention_bias
-
-    @property
     def qk_norm(self):
         return self.model_type == "qwen3"
 
@@ -293,7 +289,10 @@ class LlamaConfig:
                     raise UserError(f"{source}: layer_types {layer_types} are not supported (supported: full "
                                     "attention in the first layers, sliding attention in all after them)")
                 kw["max_window_layers"] = full
-        return cls(model_type=model_type, **kw)
+        try:
+            return cls(model_type=model_type, **kw)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
 
     def to_hf(self, dtype=None):
         """The config.json dict transformers loads as the same architecture, the rotary parameters in both namings
@@ -448,7 +447,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(config.n_embd, width, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.n_embd, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, kv_width, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(width, config.n_embd, bias=config.o_bias)
+        self.o_proj = nn.Linear(width, config.n_embd, bias=config.attention_bias)
         # qwen3: each head's q and k normalised before the rotation
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None

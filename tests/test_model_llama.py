@@ -208,8 +208,8 @@ def test_parameter_counts_and_flops_count_gqa_and_swiglu(name, shape, total):
         model = Llama(LlamaConfig(**shape))
     c = model.config
     assert model.num_params(non_embedding=False) == total == hand_count(
-        c.vocab_size, c.n_embd, c.intermediate_size, c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.tie_word_embeddings,
-        qk_norm=c.model_type == "qwen3")
+        c.vocab_size, c.n_embd, c.intermediate_size, c.n_layer, c.n_head, c.n_kv_head, c.head_dim,
+        c.tie_word_embeddings, qk_norm=c.model_type == "qwen3")
     T = 2048
     N = total - (0 if c.tie_word_embeddings else c.vocab_size * c.n_embd)  # the input lookup is no matmul
     assert model.flops_per_token(T) == 6 * N + 12 * c.n_layer * c.n_head * c.head_dim * T
@@ -233,7 +233,8 @@ def test_bad_inputs(tmp_path):
                                             r"\(supported: default, llama3\)"):
             CausalLM.from_pretrained(write_config(tmp_path, rope_type, dict(
                 good, rope_scaling={"rope_type": rope_type, "factor": 4.0})))
-    with pytest.raises(UserError, match=r"hidden_act='gelu' is not supported for llama \(supported: silu\)"):
+    with pytest.raises(UserError, match=r"config.json: hidden_act='gelu' is not supported for llama "
+                                        r"\(supported: silu\)"):
         config_from_hf(dict(good, hidden_act="gelu"))
     with pytest.raises(UserError, match=r"config.json: missing required key 'hidden_size'"):
         config_from_hf({k: v for k, v in good.items() if k != "hidden_size"})
