@@ -38,6 +38,32 @@ def hf_neox(vocab_size=1001, hidden_size=64, num_hidden_layers=2, num_attention_
     return model
 
 
+LLAMA_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}  # class name prefixes
+
+
+def hf_llama(model_type="llama", vocab_size=1001, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, seed=0, **kw):
+    """A random transformers model of the Llama family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or
+    Qwen3ForCausalLM by model_type; eager attention, fp32). Biases and norms (RMSNorm weights, qwen3's q/k norms)
+    are randomised too, so a parity test notices a swapped bias or a norm read from the wrong place."""
+    import transformers
+
+    prefix = LLAMA_CLASSES[model_type]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, prefix + "Config")(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=kw.pop("max_position_embeddings", 256),
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=kw.pop("tie_word_embeddings", False),
+        attn_implementation="eager", **kw)
+    model = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 @pytest.fixture
 def tiny_hf_dir(tmp_path):
     """A transformers-saved tiny GPT-NeoX directory (single model.safetensors)."""
