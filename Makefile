@@ -32,7 +32,7 @@ MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
 
-.PHONY: install test test-gpu init init-random data train eval demo bench
+.PHONY: install test test-gpu test-slurm init init-random data train eval demo bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ test:
 
 test-gpu:  # the GPU path (tests/test_gpu.py): needs a CUDA device
 	$(PY) -m pytest -q -m gpu tests
+
+test-slurm:  # slurm/train.sbatch against Slurm daemons started here (tests/test_slurm.py): root, Debian's slurm packages
+	$(PY) -m pytest -q -rs -m slurm tests/test_slurm.py
 
 init: $(INIT_DIR)/config.json
 $(INIT_DIR)/config.json:
