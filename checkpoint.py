@@ -58,7 +58,7 @@ def save_checkpoint(out_dir, training, model, optimizer, sharded):
         save_full(os.path.join(out_dir, FULL), {**training, "model": model.state_dict(),
                                                  "optimizer": optimizer.state_dict()})
     if master:
-        write_json(os.path.join(out_dir, RECORD), {"checkpoint": name, "step": training["step"]})
+        write_record(out_dir, name, training["step"])
         if sharded:
             for old in os.listdir(os.path.join(out_dir, SHARDED)):
                 if old not in (os.path.basename(name), "latest"):
@@ -66,6 +66,12 @@ def save_checkpoint(out_dir, training, model, optimizer, sharded):
         drop_replaced_runs(out_dir)
     if distributed:
         dist.barrier()
+
+
+def write_record(out_dir, name, step):
+    """The record: the checkpoint the run wrote last (its path in out_dir) and its step. Written atomically after
+    the checkpoint is complete, read first by a resume (latest_checkpoint)."""
+    write_json(os.path.join(out_dir, RECORD), {"checkpoint": name, "step": step})
 
 
 def save_full(path, state):

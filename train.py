@@ -463,8 +463,9 @@ def start_run(argv, defaults, stop):
     if rt.master:
         start_out_dir(cfg, rt, model, model_source, phases, train_data.n_blocks)
     metrics = MetricsLog(cfg, rt.master, resume_step=state.step if checkpoint else None)
-    return Run(cfg, rt, model, wrap(model, cfg, rt), optimizer, scaler, state, phases, phase, train_data, val_data,
-               metrics, tokenizer_dir, stop)
+    return Run(cfg=cfg, rt=rt, model=model, wrapped=wrap(model, cfg, rt), optimizer=optimizer, scaler=scaler,
+               state=state, phases=phases, phase=phase, train_data=train_data, val_data=val_data, metrics=metrics,
+               tokenizer_dir=tokenizer_dir, stop=stop)
 
 
 def setup_processes(cfg):
