@@ -129,7 +129,7 @@ def train_run_child(data_dir, out_dir, dtype, steps, kw):
 def train_vs_hf_child(kw, dtype, steps):
     """train.py's train_step and transformers' GPTNeoXForCausalLM with a plain AdamW loop (both clipping gradients
     at 1.0), step by step in alternation on the same batches: each side's fastest step, in tokens/s."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig as HFGPTNeoXConfig, GPTNeoXForCausalLM
 
     import train
 
@@ -137,10 +137,10 @@ def train_vs_hf_child(kw, dtype, steps):
     T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
     torch.manual_seed(0)
     ours = GPTNeoX(GPTNeoXConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
-                         intermediate_size=4 * kw["n_embd"], block_size=T))
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
-                                          num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
-                                          rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
+                                 intermediate_size=4 * kw["n_embd"], block_size=T))
+    hf = GPTNeoXForCausalLM(HFGPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
+                                            num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
+                                            rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
     cfg = train.TrainConfig(learning_rate=3e-4, weight_decay=0.1)
     rt = train.Runtime(device="cpu", dtype=dtype)  # one process; autocast for bfloat16
     ours_opt = train.configure_optimizer(ours, cfg=cfg, device_type="cpu")
