@@ -64,17 +64,15 @@ $(DATA_DIR)/meta.json:
 	$(PY) data.py --dataset_name '$(DATA_SOURCE)' --dataset_revision $(DATA_REVISION) \
 	    --tokenizer $(HELPER_MODEL) --output_dir $(DATA_DIR) --subsample_size_mb $(DATA_MB) --valid_percent 10
 
-# what $(CONFIG) $(ARGS) names as its init_from and data_dir, when they are this pipeline's outputs: init, init-random,
-# data (a config with its own model and data builds nothing; `make -n train` shows what would run)
-TRAIN_NEEDS = $(PY) -c 'import sys, train; from common import run_cli; \
-	cfg = run_cli(train.parse_config, sys.argv[4:]); \
-	print(*[target for target, path, named in zip(("init", "init-random", "data"), sys.argv[1:4], \
-	(cfg.init_from, cfg.init_from, cfg.data_dir)) if path == named])' \
-	'$(INIT_DIR)' '$(RANDOM_INIT_DIR)' '$(DATA_DIR)' $(CONFIG) $(ARGS)
+# `train.py $(CONFIG) $(ARGS) --print_needs` prints the init_from=... and data_dir=... the run reads; of those, the
+# ones this pipeline makes are built first (init, init-random, data). A config with its own model and data builds
+# nothing; `make -n train` shows what would run.
+PIPELINE_TARGETS = awk -v init='init_from=$(INIT_DIR)' -v random='init_from=$(RANDOM_INIT_DIR)' \
+	-v data='data_dir=$(DATA_DIR)' '$$0 == init {print "init"} $$0 == random {print "init-random"} $$0 == data {print "data"}'
 
 TRAIN_ARGS = $(if $(PARALLELISM),--parallelism=$(PARALLELISM)) $(ARGS)
 train:
-	+@needs="$$($(TRAIN_NEEDS))" && if [ -n "$$needs" ]; then $(MAKE) --no-print-directory $$needs; fi
+	+@needs="$$($(PY) train.py $(CONFIG) $(ARGS) --print_needs)" && targets="$$(printf '%s\n' "$$needs" | $(PIPELINE_TARGETS))" && if [ -n "$$targets" ]; then $(MAKE) --no-print-directory $$targets; fi
 ifeq ($(NPROC),1)
 	$(PY) train.py $(CONFIG) $(TRAIN_ARGS)
 else

@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 import unittest.mock
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -127,18 +126,10 @@ def train_run_child(data_dir, out_dir, dtype, steps, kw):
     rows = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl") if '"dt_s"' in line][2:]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}
 
-def cpu_runtime(dtype):
-    """train.py's Runtime for one process on the CPU at `dtype` (autocast for bfloat16)."""
-    import train
-
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    return train.Runtime(False, 0, 0, 1, "cpu", dtype, autocast)
-
-
 def train_vs_hf_child(kw, dtype, steps):
     """train.py's train_step and transformers' GPTNeoXForCausalLM with a plain AdamW loop (both clipping gradients
     at 1.0), step by step in alternation on the same batches: each side's fastest step, in tokens/s."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig as HFGPTNeoXConfig, GPTNeoXForCausalLM
 
     import train
 
@@ -146,18 +137,19 @@ def train_vs_hf_child(kw, dtype, steps):
     T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
     torch.manual_seed(0)
     ours = GPTNeoX(GPTNeoXConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
-                         intermediate_size=4 * kw["n_embd"], block_size=T))
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
-                                          num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
-                                          rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
+                                 intermediate_size=4 * kw["n_embd"], block_size=T))
+    hf = GPTNeoXForCausalLM(HFGPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
+                                            num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
+                                            rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
     cfg = train.TrainConfig(learning_rate=3e-4, weight_decay=0.1)
-    rt = cpu_runtime(dtype)
-    ours_opt = train.configure_optimizer(ours, cfg, "cpu")
+    rt = train.Runtime(device="cpu", dtype=dtype)  # one process; autocast for bfloat16
+    ours_opt = train.configure_optimizer(ours, cfg=cfg, device_type="cpu")
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def ours_step(x):  # train.py's step: forward_backward, clipping, its optimizer
-        train.train_step(ours, ours, ours_opt, scaler, [(x[:, :-1], x[:, 1:])], cfg.learning_rate, cfg, rt)
+        train.train_step(model=ours, raw_model=ours, optimizer=ours_opt, scaler=scaler,
+                         batches=[(x[:, :-1], x[:, 1:])], lr=cfg.learning_rate, grad_clip=cfg.grad_clip, rt=rt)
 
     def hf_step(x):  # transformers with a plain AdamW loop
         with rt.autocast:
@@ -236,18 +228,20 @@ def phase_time_child(kw, steps):
     torch.manual_seed(0)
     model = GPTNeoX(GPTNeoXConfig(**kw, block_size=T))
     cfg = train.TrainConfig()
-    rt = cpu_runtime("float32")
-    optimizer = train.configure_optimizer(model, cfg, "cpu")
+    rt = train.Runtime(device="cpu", dtype="float32")
+    optimizer = train.configure_optimizer(model, cfg=cfg, device_type="cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    phases = {name: train.Phase(name, 0, 1, B, 1, 1e-4, 0, "constant") for name in ("embedding", "full")}
+    phases = {name: train.Phase(name=name, batch_size=B, grad_accum=1, block_size=T, peak_lr=1e-4, schedule="constant",
+                                steps=1) for name in ("embedding", "full")}
     g = torch.Generator().manual_seed(0)
     times = {name: [] for name in phases}
     for i in range(steps + 1):
         for name, phase in phases.items():
-            train.set_trainable(model, phase, cfg)
+            train.set_trainable(model, phase=phase, cfg=cfg)
             x = torch.randint(0, kw["vocab_size"], (B, T + 1), generator=g)
             t0 = time.perf_counter()
-            train.train_step(model, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], phase.peak_lr, cfg, rt)
+            train.train_step(model=model, raw_model=model, optimizer=optimizer, scaler=scaler,
+                             batches=[(x[:, :-1], x[:, 1:])], lr=phase.peak_lr, grad_clip=cfg.grad_clip, rt=rt)
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - t0)
     return {name: min(t) for name, t in times.items()}
@@ -259,8 +253,9 @@ def meta_model(shape, frozen):
 
     with torch.device("meta"):
         model = GPTNeoX(GPTNeoXConfig(**{k: shape[k] for k in PYTHIA_160M}, block_size=shape["block_size"]))
-    phase = train.Phase("embedding" if frozen else "full", 0, 1, 1, 1, 0.0, 0, "constant")
-    train.set_trainable(model, phase, train.TrainConfig())
+    phase = train.Phase(name="embedding" if frozen else "full", batch_size=1, grad_accum=1,
+                        block_size=shape["block_size"], peak_lr=0.0, schedule="constant", steps=1)
+    train.set_trainable(model, phase=phase, cfg=train.TrainConfig())
     return model
 
 
@@ -524,9 +519,10 @@ def fsdp_memory_child(parallelism, shape, steps):
                             backend="gloo", **json.loads(shape), block_size=128)
     rt = train.setup_processes(cfg)
     base = proc_status("VmRSS")  # the interpreter, torch and gloo
-    model, _, _ = train.build_model(cfg, {"vocab_size": cfg.vocab_size, "eos_token_id": 0}, None, "", rt)
-    optimizer = train.configure_optimizer(model, cfg, "cpu")
-    wrapped = train.wrap(model, cfg, True, 0, "cpu")
+    model, _, _ = train.build_model(cfg, meta={"vocab_size": cfg.vocab_size, "eos_token_id": 0}, checkpoint=None,
+                                    rt=rt)
+    optimizer = train.configure_optimizer(model, cfg=cfg, device_type="cpu")
+    wrapped = train.wrap(model, cfg=cfg, rt=rt)
     with open("/proc/self/clear_refs", "w") as f:  # the peak from here on: training, not loading
         f.write("5")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -534,13 +530,14 @@ def fsdp_memory_child(parallelism, shape, steps):
         x = torch.randint(0, cfg.vocab_size, (1, 129))
         if i == 1:  # the first step builds the optimizer state: not timed
             t0 = time.perf_counter()
-        train.train_step(wrapped, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], cfg.learning_rate, cfg, rt)
+        train.train_step(model=wrapped, raw_model=model, optimizer=optimizer, scaler=scaler,
+                         batches=[(x[:, :-1], x[:, 1:])], lr=cfg.learning_rate, grad_clip=cfg.grad_clip, rt=rt)
     seconds = time.perf_counter() - t0
     mine = torch.tensor([proc_status("VmHWM") - base, train.local_bytes(model.parameters()),
                          train.optimizer_state_bytes(optimizer), seconds],
                         dtype=torch.float64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-    train.leave_process_group(rt, wrapped)
+    train.leave_process_group(rt, model=wrapped)
     if rt.master:
         return {"peak_growth_bytes": mine[0].item(), "param_bytes": mine[1].item(),
                 "optimizer_state_bytes": mine[2].item(),

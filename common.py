@@ -282,19 +282,24 @@ DEVICES = ("cpu", "cuda", "mps")
 
 def check_device(name, flag="--device"):
     """The torch.device `name` names, on this machine: a typo or a missing GPU is a one-line error before any data is
-    read and a model loads (torch reports them as tracebacks, CUDA's only at the first .to())."""
+    read and a model loads (torch reports them as tracebacks, CUDA's only at the first .to()). The error spells the
+    setting as the user wrote it: a flag ('--device': --device 'cuda') or a config key ('device': device='cuda')."""
     import torch
+
+    def setting(value, quote=True):
+        value = repr(value) if quote else value
+        return f"{flag} {value}" if flag.startswith("-") else f"{flag}={value}"
 
     available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UserError(f"{flag} {name!r}: not a device; expected cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"{setting(name)}: not a device; expected cpu, cuda, cuda:N or mps") from None
     if device.type not in DEVICES:
-        raise UserError(f"{flag} {name!r}: expected cpu, cuda, cuda:N or mps")
+        raise UserError(f"{setting(name)}: expected cpu, cuda, cuda:N or mps")
     if not available[device.type]():
-        raise UserError(f"{flag} {name!r}: no {device.type.upper()} device available to this torch "
-                        f"{torch.__version__} (use {flag} cpu)")
+        raise UserError(f"{setting(name)}: no {device.type.upper()} device available to this torch "
+                        f"{torch.__version__} (use {setting('cpu', quote=False)})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"{flag} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(f"{setting(name)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -11,9 +11,10 @@ import os
 
 import train
 from common import run_cli
+from configurator import read_config_file
 
-VARIABLE_BATCH_DEFAULTS = train.read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
-                                                               "variable_batch_size.py"))
+VARIABLE_BATCH_DEFAULTS = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
+                                                         "variable_batch_size.py"))
 
 if __name__ == "__main__":
     run_cli(lambda argv: train.main(argv, defaults=VARIABLE_BATCH_DEFAULTS))

@@ -16,6 +16,7 @@ from conftest import ROOT, metrics, run_py, train_args, weights
 
 import data
 import train
+from checkpoint import latest_sharded
 from common import UserError
 from model import GPTNeoX
 
@@ -160,6 +161,22 @@ def test_hung_ddp_peer_ends_the_others_within_the_timeout(corpus, tmp_path):
         for p in ranks:
             p.kill()
             p.wait()
+
+
+def test_only_a_collectives_failure_reads_as_a_lost_peer(tmp_path):
+    """The one-line "peer died" error is for what a lost peer raises in a distributed run: torch's DistError (NCCL,
+    the store) and gloo's plain RuntimeError; torch's own local failures (out of memory) keep their traceback, and
+    outside a process group nothing is a peer's."""
+    import torch.distributed as dist
+
+    gloo_error = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    assert not train.peer_failed(gloo_error)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert train.peer_failed(gloo_error) and train.peer_failed(dist.DistBackendError("NCCL watchdog timeout"))
+        assert not train.peer_failed(torch.OutOfMemoryError("CUDA out of memory"))
+    finally:
+        dist.destroy_process_group()
 
 
 def one_line_error(r, *needles):
@@ -457,5 +474,5 @@ def test_disk_full_during_a_sharded_checkpoint_keeps_the_previous_one(corpus, tm
     r = subprocess.run([sys.executable, "train.py", *run_args, "--init_from=resume", "--max_iters=4"], cwd=ROOT,
                        text=True, capture_output=True, preexec_fn=small_files, env={**os.environ, "OMP_NUM_THREADS": "1"})
     one_line_error(r, str(tmp_path / "ckpt"), "cannot write the checkpoint", "the previous checkpoint is kept")
-    assert train.latest_sharded(str(tmp_path / "ckpt")).endswith("step-00000002")
+    assert latest_sharded(str(tmp_path / "ckpt")).endswith("step-00000002")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["latest", "step-00000002"]

@@ -16,6 +16,7 @@ from conftest import ROOT, metrics, train_args, weights
 from safetensors.torch import load_file
 
 import train
+from checkpoint import latest_sharded
 from model import GPTNeoX, GPTNeoXConfig
 
 # a run of train.py under torchrun with optional faults: DIE_IN_SAVE=n kills rank 0 (kill -9) after the n-th sharded
@@ -129,7 +130,7 @@ def test_kill9_mid_checkpoint_and_mid_step_then_resume_on_two_or_one_process(cor
     r = torchrun(launcher, argv, env={"DIE_IN_SAVE": "2"})
     assert r.returncode != 0 and "SIGKILL" in r.stderr, r.stderr[-3000:]
     assert [f for f in os.listdir(out / "ckpt") if f.startswith(".tmp-step-00000006")], "the killed write's dir"
-    latest = train.latest_sharded(str(out / "ckpt"))  # what a resume reads
+    latest = latest_sharded(str(out / "ckpt"))  # what a resume reads
     assert latest == str(out / "ckpt" / "step-00000003")
     state = torch.load(os.path.join(latest, "train_state.pt"), weights_only=True)
     assert (state["step"], state["phase"]) == (3, "embedding")

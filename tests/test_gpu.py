@@ -10,6 +10,7 @@ from conftest import hf_neox, metrics, run_py, stop_by_sigterm_while_reading, tr
 from safetensors.torch import load_file
 
 import train
+from checkpoint import latest_sharded
 from model import GPTNeoX
 
 pytestmark = [pytest.mark.gpu,
@@ -68,7 +69,7 @@ def test_one_process_nccl_then_fsdp_on_one_gpu(corpus, tmp_path):
     assert (fsdp["world_size"], fsdp["parallelism"]) == (1, "fsdp")
     losses = {name: [m["loss"] for m in metrics(tmp_path / name) if "lr" in m] for name in ("ddp", "fsdp")}
     assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=0.03)
-    assert train.latest_sharded(str(tmp_path / "fsdp" / "ckpt")).endswith("step-00000006")
+    assert latest_sharded(str(tmp_path / "fsdp" / "ckpt")).endswith("step-00000006")
     assert all(t.dtype == torch.float32 for t in weights(tmp_path / "fsdp").values())
     GPTNeoX.from_pretrained(str(tmp_path / "fsdp" / "hf"))
 

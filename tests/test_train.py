@@ -180,7 +180,7 @@ def test_config_files_load_their_base_from_any_directory(tmp_path, monkeypatch):
     (["--warmup_frac=1.5"], "warmup_frac=1.5, expected a fraction in [0, 1]"),
     (["--embedding_tuning_frac=-0.1"], "embedding_tuning_frac=-0.1, expected a fraction in [0, 1]"),
     (["--device=gpu"], "device='gpu', expected auto, cpu, cuda or cuda:N"),
-    (["--device=cuda"], "device='cuda', but CUDA is not available here"),
+    (["--device=cuda"], "device='cuda': no CUDA device available"),
     (["--wandb_log=True"], "wandb_log=True, but wandb is not installed"),
 ])
 def test_values_out_of_range_are_errors_before_the_model_loads(corpus, tmp_path, monkeypatch, overrides, message):
@@ -372,7 +372,10 @@ def test_help_lists_every_key_with_its_default_and_comment():
         r = run_py([script, "--help"])
         assert r.returncode == 0 and r.stderr == "", r.stderr
         for f in train.fields(train.TrainConfig):
-            assert f"  --{f.name}=" in r.stdout, f.name
+            line = next((line for line in r.stdout.splitlines() if line.startswith(f"  --{f.name}=")), None)
+            assert line is not None, f.name
+            for said in (f.metadata["help"], *(f.metadata["choices"] or ())):
+                assert said in line, (f.name, said)
         if defaults:
             assert "  --block_size=512" in r.stdout and "# sequences per micro-batch per process" in r.stdout
             assert "\n# system\n" in r.stdout
@@ -384,3 +387,14 @@ def test_help_lists_every_key_with_its_default_and_comment():
     assert train.parse_config(["--max_iters=1e3"]).max_iters == 1000
     with pytest.raises(UserError, match="expected an int"):
         train.parse_config(["--max_iters=ten"])
+
+
+def test_print_needs_names_the_model_and_data_the_run_reads():
+    """`make train` asks train.py (config files and --key=value as the run reads them) what to build first."""
+    r = run_py(["train.py", "config/oscar_de_random_init.py", "--print_needs"])
+    assert (r.returncode, r.stdout) == (0, "init_from=out/pythia-410m-small_init-german\ndata_dir=data/oscar_de\n")
+    r = run_py(["train_variable_bs.py", "config/oscar_de_variable_batch_size.py", "--data_dir=/elsewhere",
+                "--print_needs"])
+    assert r.stdout.splitlines() == ["init_from=out/pythia-410m-clp-german", "data_dir=/elsewhere"]
+    r = run_py(["train.py", "--print_needs", "--data_dri=x"])
+    assert r.returncode == 1 and r.stderr.startswith("error: --data_dri=x: unknown config key"), r.stderr

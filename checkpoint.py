@@ -1,0 +1,259 @@
+"""
+A training run's files in its out_dir: the checkpoint, the record that names it, and the claim a fresh run lays on
+the directory. train.py decides what a checkpoint holds and how a run continues from one; this file writes it, finds
+it and reads it back.
+
+    ckpt.pt           one process or DDP: torch.save of the training state with the model's and the optimizer's
+                      full state dicts under "model" and "optimizer"
+    ckpt/step-N/      an FSDP run (parallelism='fsdp'): torch.distributed.checkpoint shards of the model and the
+                      optimizer, and train_state.pt (the training state); ckpt/latest names the newest step
+    checkpoint.json   the record: which of the two the run wrote last, and at which step (a run may change its
+                      parallelism on resume, so both can be there)
+"""
+
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common import UserError, atomic_dir, atomic_path, read_json, write_json
+
+FULL = "ckpt.pt"
+SHARDED = "ckpt"
+RECORD = "checkpoint.json"
+RUN_FILES = (FULL, "metrics.jsonl", "summary.json", "hf")  # and the record, and anything named ckpt*
+REPLACED = ".replaced-run-"  # a run that override=True moved aside, deleted at the new run's first checkpoint
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: the training state (what train.py saved: step, config, rng, ...) and, from ckpt.pt,
+    the full state dicts; a sharded checkpoint's model and optimizer are read later, into the built model
+    (load_shards), each rank its own shards."""
+    path: str  # ckpt.pt, or the sharded checkpoint's step directory
+    sharded: bool
+    training: dict
+    model: dict = None
+    optimizer: dict = None
+
+
+# -----------------------------------------------------------------------------
+# writing: the checkpoint, then the record that names it, then what it replaces
+
+
+def save_checkpoint(out_dir, training, model, optimizer, sharded):
+    """The checkpoint (ckpt.pt from rank 0, or every rank's shards), then the record naming it, then what it
+    replaces: older sharded steps and a run that override=True set aside. A kill at any moment leaves the record
+    naming a complete checkpoint. Every rank calls it, and waits for it."""
+    distributed = dist.is_initialized()
+    master = not distributed or dist.get_rank() == 0
+    if sharded:
+        name = os.path.join(SHARDED, save_shards(os.path.join(out_dir, SHARDED), training, model, optimizer))
+    elif master:
+        name = FULL
+        save_full(os.path.join(out_dir, FULL), {**training, "model": model.state_dict(),
+                                                 "optimizer": optimizer.state_dict()})
+    if master:
+        write_record(out_dir, name, training["step"])
+        if sharded:
+            for old in os.listdir(os.path.join(out_dir, SHARDED)):
+                if old not in (os.path.basename(name), "latest"):
+                    shutil.rmtree(os.path.join(out_dir, SHARDED, old), ignore_errors=True)
+        drop_replaced_runs(out_dir)
+    if distributed:
+        dist.barrier()
+
+
+def write_record(out_dir, name, step):
+    """The record: the checkpoint the run wrote last (its path in out_dir) and its step. Written atomically after
+    the checkpoint is complete, read first by a resume (latest_checkpoint)."""
+    write_json(os.path.join(out_dir, RECORD), {"checkpoint": name, "step": step})
+
+
+def save_full(path, state):
+    """ckpt.pt, written atomically and fsynced."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # a full disk: OSError, or torch's writer's RuntimeError after it
+        raise write_error(path, e) from None
+
+
+def save_shards(path, training, model, optimizer):
+    """torch.distributed.checkpoint: every rank writes its own shards of the model and the optimizer, rank 0 adds
+    the training state (train_state.pt). All of it goes into path/step-N, built under a temporary name, and only
+    then does path/latest (replaced atomically) name it; what a killed write left (.tmp-*) goes at the next save.
+    Returns step-N."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's error, raised on every rank
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    distributed = dist.is_initialized()
+    master = not distributed or dist.get_rank() == 0
+    name = f"step-{training['step']:08d}"
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        with (atomic_dir(os.path.join(path, name)) if master else nullcontext()) as tmp:
+            tmp = broadcast_object(tmp) if distributed else tmp
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+            if master:
+                with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
+                    torch.save(training, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        if master:
+            with atomic_path(os.path.join(path, "latest")) as tmp, open(tmp, "w") as f:
+                f.write(name + "\n")
+    except (OSError, RuntimeError, CheckpointException) as e:
+        raise write_error(path, e) from None
+    return name
+
+
+def write_error(path, e):
+    """One line for a checkpoint that could not be written (its temp file is gone; the previous one is whole)."""
+    while e.__context__ is not None and not isinstance(e, OSError):  # the cause under torch's RuntimeError
+        e = e.__context__
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    kept = "the previous checkpoint is kept" if has_checkpoint(os.path.dirname(path)) else \
+        "there is no earlier checkpoint"
+    return UserError(f"{path}: cannot write the checkpoint ({cause}); {kept}")
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a small picklable object, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -----------------------------------------------------------------------------
+# reading: the checkpoint the record names
+
+
+def load_checkpoint(out_dir):
+    """The checkpoint the run wrote last (latest_checkpoint): its training state, and ckpt.pt's state dicts,
+    memory-mapped (the processes share one copy of the file in the page cache)."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        raise UserError(f"init_from='resume': no checkpoint at {os.path.join(out_dir, FULL)} or "
+                        f"{os.path.join(out_dir, SHARDED)}")
+    sharded = os.path.isdir(path)
+    file = os.path.join(path, "train_state.pt") if sharded else path
+    try:
+        training = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{file}: cannot read the checkpoint ({str(e).splitlines()[0]})") from None
+    if sharded:
+        return Checkpoint(path, True, training)
+    return Checkpoint(path, False, training, training.pop("model"), training.pop("optimizer"))
+
+
+def latest_checkpoint(out_dir):
+    """The path of the checkpoint a resume continues from, or None: the one the record names. A run written before
+    the record existed has none; then whichever of ckpt.pt and ckpt/ is there, and both is an error (nothing says
+    which is newer)."""
+    record = os.path.join(out_dir, RECORD)
+    if os.path.isfile(record):
+        name = read_json(record).get("checkpoint")
+        path = os.path.join(out_dir, name) if isinstance(name, str) else None
+        if path is None or not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "train_state.pt"))):
+            raise UserError(f"{record}: names the checkpoint {name!r}, which is not there (deleted or moved?)")
+        return path
+    found = [path for path in (os.path.join(out_dir, FULL), latest_sharded(os.path.join(out_dir, SHARDED)))
+             if path and os.path.exists(path)]
+    if len(found) > 1:
+        raise UserError(f"{out_dir} holds both {FULL} and a sharded checkpoint ({found[1]}), and no {RECORD} that "
+                        "says which the run wrote last: move the older one out of out_dir, then resume")
+    return found[0] if found else None
+
+
+def has_checkpoint(out_dir):
+    return any(os.path.exists(os.path.join(out_dir, name)) for name in (RECORD, FULL)) or \
+        latest_sharded(os.path.join(out_dir, SHARDED)) is not None
+
+
+def latest_sharded(path):
+    """The directory of the newest complete sharded checkpoint under `path` (as path/latest names it), or None."""
+    try:
+        with open(os.path.join(path, "latest")) as f:
+            latest = os.path.join(path, f.read().strip())
+    except OSError:
+        return None
+    return latest if os.path.isfile(os.path.join(latest, "train_state.pt")) else None
+
+
+def load_shards(path, model, optimizer):
+    """Model and optimizer from a sharded checkpoint directory, on any number of processes (DCP reshards). The
+    optimizer must have exactly the trainable parameters it had when saved: only those have state in the
+    checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# -----------------------------------------------------------------------------
+# the out_dir: writable, never taken from another run by accident
+
+
+def run_files(out_dir):
+    """What in out_dir shows that a run is there."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if f in RUN_FILES or f.startswith(SHARDED))
+
+
+def check_out_dir(out_dir):
+    """out_dir must be a directory this process can write, found out before the model and the data load (not at the
+    first checkpoint, an hour in)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir!r} is a file, expected a directory (or a path to create one at)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"out_dir={out_dir!r}: cannot create it ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={out_dir!r}: not writable")
+
+
+def claim_out_dir(out_dir, override, master):
+    """A fresh run never overwrites a run by accident: without override it stops here if out_dir holds one; with
+    it, rank 0 moves the old run's files (its record with them) aside into out_dir/.replaced-run-*, deleted only
+    once the new run has its first checkpoint."""
+    found = run_files(out_dir)
+    if not found:
+        return
+    if not override:
+        raise UserError(f"out_dir={out_dir!r} holds a run ({', '.join(found)}): continue it with "
+                        "--init_from=resume, choose another out_dir, or pass --override=True to replace it")
+    if not master:
+        return
+    aside = tempfile.mkdtemp(dir=out_dir, prefix=REPLACED)
+    for f in found + ([RECORD] if os.path.isfile(os.path.join(out_dir, RECORD)) else []):
+        os.replace(os.path.join(out_dir, f), os.path.join(aside, f))
+    print(f"override=True: the run in {out_dir} moved to {aside} until this run's first checkpoint")
+
+
+def drop_replaced_runs(out_dir):
+    """The run that override=True replaced, now that the new one has a checkpoint."""
+    for f in os.listdir(out_dir):
+        if f.startswith(REPLACED):
+            shutil.rmtree(os.path.join(out_dir, f), ignore_errors=True)
+
+
+def remove_temp_files(out_dir):
+    """What writes killed half-way left in out_dir (.tmp-*: atomic_path's and atomic_dir's temp names)."""
+    for f in os.listdir(out_dir):
+        if f.startswith(".tmp-"):
+            tmp = os.path.join(out_dir, f)
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
