@@ -566,6 +566,10 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
     def sorted_by_rule(names):
         return sorted(names, key=lambda name: reach_rank(regimes[name]))
 
+    def lower_beyond(name, key, against="baseline"):  # reached at every seed and lower beyond the spread
+        a, b = values(name, key), values(against, key)
+        return None not in a + b and statistics.fmean(a) < statistics.fmean(b) and beyond_spread(a, b)
+
     def compare(names, key, against="baseline", words=("lower", "higher")):
         """The regimes of `names` below / above `against` in `key` (mean over seeds), beyond and within the spread."""
         groups = {}
@@ -581,14 +585,12 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
     # 1. the embedding phase (the transformer frozen) from the CLP start: tokens, time and memory
     et = sorted_by_rule(name for name, runs in regimes.items() if runs[0]["cfg"].embedding_tuning_frac > 0
                         and runs[0]["cfg"].freeze_transformer and runs[0]["init"] == "init-clp-guarded")
-    faster = [n for n in et if None not in values(n, "reach_baseline")
-              and statistics.fmean(values(n, "reach_baseline")) < statistics.fmean(values("baseline", "reach_baseline"))
-              and beyond_spread(values(n, "reach_baseline"), values("baseline", "reach_baseline"))]
-    speed = [(r["summary"]["phases"]["embedding"]["tokens_per_s"], r["summary"]["phases"]["full"]["tokens_per_s"])
-             for n in et for r in regimes[n] if set(r["summary"]["phases"]) == {"embedding", "full"}
+    faster = [n for n in et if lower_beyond(n, "reach_baseline")]
+    # tokens/s of the two phases of one run, at the same batch size
+    speed = [(phases["embedding"]["tokens_per_s"], phases["full"]["tokens_per_s"]) for n in et for r in regimes[n]
+             for phases in [r["summary"]["phases"]] if set(phases) == {"embedding", "full"}
              and r["cfg"].embedding_batch_size in (0, r["cfg"].batch_size)
-             and None not in (r["summary"]["phases"]["embedding"]["tokens_per_s"],
-                              r["summary"]["phases"]["full"]["tokens_per_s"])]
+             and None not in (phases["embedding"]["tokens_per_s"], phases["full"]["tokens_per_s"])]
     lines = [f"# The study at toy scale: every regime at {len(seeds)} seeds ({mode_name})", ""]
     q1 = ("Yes, at this scale" if faster else "Not beyond the seeds' spread") + ": " if et else (
         "not asked: no regime with an embedding phase ran (--regimes). ")
@@ -597,8 +599,8 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
         q1 += (f"{label(lead)} reaches regular pre-training's final validation perplexity with the fewest tokens of "
                f"the regimes with an embedding phase, {show(reach(lead), 0, '%')} of the budget; against regular "
                f"pre-training, {compare(et, 'reach_baseline', words=FEWER)}. ")
-        q1 += (f"In training time: {show(values(lead, 'reach_baseline_s'), 0, ' s')} against regular pre-training's "
-               f"{show(values('baseline', 'reach_baseline_s'), 0, ' s')}. ")
+        q1 += (f"In training time: {show(values(lead, 'reach_baseline_s'), 1, ' s')} against regular pre-training's "
+               f"{show(values('baseline', 'reach_baseline_s'), 1, ' s')}. ")
     if speed:
         q1 += (f"An embedding-phase step (the transformer frozen) runs at "
                f"{show([e for e, _ in speed], 0, ' tokens/s')} against {show([f for _, f in speed], 0, ' tokens/s')} "
@@ -613,8 +615,7 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
                "runtime's).")
     finals = values("baseline", "final_ppl")
     others = [n for n in regimes if n not in YARDSTICKS]
-    better = [n for n in others if statistics.fmean(values(n, "final_ppl")) < statistics.fmean(finals)
-              and beyond_spread(values(n, "final_ppl"), finals)]
+    better = [n for n in others if lower_beyond(n, "final_ppl")]
     q2 = (("Yes" if better else "Not beyond the seeds' spread") + f": regular pre-training ends at "
           f"{show(finals)} (whole validation set); {compare(others, 'final_ppl')}.")
     ranked = sorted_by_rule(n for n in regimes if n not in ("scratch",))
@@ -677,7 +678,7 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
                          + (f"{statistics.fmean(s['tokens_per_s'] for s in stats):,.0f}"
                             if None not in [s["tokens_per_s"] for s in stats] else "—"))
         peaks = [[phase_peak_mb(r["summary"], phase) for r in runs] for phase in ("embedding", "full")]
-        lines.append(f"| {label(name)} | {cells[0]} | {cells[1]} | {show(values(name, 'reach_baseline_s'), 0, ' s')} "
+        lines.append(f"| {label(name)} | {cells[0]} | {cells[1]} | {show(values(name, 'reach_baseline_s'), 1, ' s')} "
                      f"| {show(values(name, 'wall'), 0, ' s')} | "
                      f"{runs[0]['summary']['rank0_optimizer_state_bytes'] / 2**20:,.1f} MB | "
                      + ", ".join("—" if None in p else show(p, 0, " MB") for p in peaks) + " |")
