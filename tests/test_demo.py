@@ -1,15 +1,17 @@
 """make demo DEMO=quick, end to end on the real ELTeC novels (the slices vendored in tests/data/eltec, as on a fresh
 clone): data, source and helper, CLP, six German variants, evaluation, report and plot; a rerun finds every stage
-cached; DEMO=init-quick adds the other initialisations."""
+cached; DEMO=init-quick adds the other initialisations, DEMO=study-quick every regime of the study at three seeds."""
 
 import json
 import math
 import os
+import re
 
 import pytest
 from conftest import ELTEC, run_py
 
 import demo
+import train
 from common import UserError
 
 
@@ -59,6 +61,69 @@ def test_quick_demo_end_to_end(tmp_path):
     fvt = json.loads((tmp_path / "init-fvt" / "clp_report.json").read_text())
     assert fvt["method"] == "fvt" and sum(fvt["fvt"]["pieces_histogram"].values()) == fvt["new_tokens"]
 
+    # DEMO=study at the quick size, in the same directory: every regime at three seeds from the demo's stages (none
+    # made again), the best CLP regime repeated from CLP+ and from FVT
+    study = run_py(["demo.py", "--mode", "study-quick", "--out", str(tmp_path)], env=offline, timeout=1800)
+    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    seeds = (42, 43, 44)
+    regimes = [name for name, *_ in demo.STUDY_REGIMES]
+    assert sorted(line for line in study.stdout.splitlines() if ": running" in line) == sorted(
+        [f"== train {name} seed {seed}: running" for name in regimes for seed in seeds]
+        + [f"== from-scratch initialisation (init-scratch-seed{seed}): running" for seed in (43, 44)])
+    runs = tmp_path / "runs" / f"study-{demo.MODES['study-quick']['study']['tokens']}"
+
+    def curve(run_dir):
+        return [(m["tokens"], m["val_ppl"]) for m in map(json.loads, open(run_dir / "metrics.jsonl")) if "val_ppl" in m]
+
+    def summary(run_dir):
+        return json.loads((run_dir / "summary.json").read_text())
+
+    # the rule, from the runs' own files: of the CLP regimes, the one whose seeds all reach regular pre-training's
+    # final validation perplexity (at the same seed) with the fewest tokens on average
+    reach = {}
+    for name, _, init, *_ in demo.STUDY_REGIMES:
+        if init == "init-clp-guarded":
+            per_seed = [demo.tokens_to_reach(curve(runs / name / f"seed{s}"),
+                                             curve(runs / "baseline" / f"seed{s}")[-1][1]) for s in seeds]
+            reached = [t for t in per_seed if t is not None]
+            reach[name] = (3 - len(reached), sum(reached) / max(1, len(reached)))
+    best = min(reach, key=reach.get)
+    best_label = next(label for name, label, *_ in demo.STUDY_REGIMES if name == best)
+    for repeat in ("from_clp_plus", "from_fvt"):
+        assert all((runs / f"{repeat}-{best}" / f"seed{s}" / "summary.json").is_file() for s in seeds)
+    report = (tmp_path / "report-study.md").read_text()
+    assert report.startswith("# The study at toy scale: every regime at 3 seeds (study-quick)")
+    for question in ("1. **Does the embedding phase make perplexity fall faster, with less time and memory?**",
+                     "2. **Does the model end with a better validation perplexity than regular pre-training?**"):
+        assert question in report
+    assert f"then the lowest final perplexity: {best_label}." in report
+    labels = [label for name, label, _, script, _ in demo.STUDY_REGIMES if script] + [
+        f"{best_label}, from CLP+", f"{best_label}, from FVT"]
+    for label in labels:
+        assert f"| {label} |" in report and all(f"| {label} | {s} |" in report for s in seeds)
+    finals = [math.exp(summary(runs / "baseline" / f"seed{s}")["final_val_full_loss"]) for s in seeds]
+    assert f"| {sum(finals) / 3:,.1f} ± " in report.split("| regular pre-training (one phase) |")[1].split("\n")[0]
+    assert (tmp_path / "ppl_curves-study.png").stat().st_size > 10_000
+
+    # the seed orders the training blocks (and draws from-scratch's start); the CLP start has no random rows; the
+    # study's from-scratch at the demo's seed starts where the demo's did
+    first_loss = [json.loads(open(runs / "et10" / f"seed{s}" / "metrics.jsonl").readlines()[1])["loss"] for s in seeds]
+    assert len(set(first_loss)) == 3
+    assert len({curve(runs / "et10" / f"seed{s}")[0] for s in seeds}) == 1
+    assert len({curve(runs / "scratch" / f"seed{s}")[0] for s in seeds}) == 3
+    assert curve(runs / "scratch" / "seed42")[0] == curve(tmp_path / "runs" / "scratch")[0]
+    # the embedding phase's memory, measured: only the (untied) input and output embeddings hold Adam's two moments
+    config = json.loads((runs / "frozen" / "seed42" / "hf" / "config.json").read_text())
+    embeddings = 2 * config["vocab_size"] * config["hidden_size"]
+    frozen, regular = summary(runs / "frozen" / "seed42"), summary(runs / "baseline" / "seed42")
+    assert list(frozen["phases"]) == ["embedding"] and not config["tie_word_embeddings"]
+    assert 8 * embeddings <= frozen["rank0_optimizer_state_bytes"] < 8 * embeddings + 1024
+    assert regular["rank0_optimizer_state_bytes"] > 1.5 * frozen["rank0_optimizer_state_bytes"]
+
+    again = run_py(["demo.py", "--mode", "study-quick", "--out", str(tmp_path)], env=offline)
+    assert again.returncode == 0 and ": running" not in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (tmp_path / "report-study.md").read_text() == report
+
 
 def test_tokens_to_reach():
     curve = [(0, 1000.0), (100, 500.0), (200, 300.0), (300, 250.0)]
@@ -66,6 +131,7 @@ def test_tokens_to_reach():
     assert demo.tokens_to_reach(curve, 300.0) == 200.0
     assert demo.tokens_to_reach(curve, 2000.0) == 0
     assert demo.tokens_to_reach(curve, 100.0) is None
+    assert demo.tokens_to_reach([(0, math.inf), (100, 600.0), (200, 300.0)], 700.0) == 100  # a diverged start
 
 
 def test_a_demo_of_another_mode_does_not_reuse_the_stages(tmp_path, monkeypatch):
@@ -81,3 +147,66 @@ def test_a_demo_of_another_mode_does_not_reuse_the_stages(tmp_path, monkeypatch)
     for same_size in ("quick", "init-quick"):  # DEMO=init-quick reuses the quick demo's stages
         with pytest.raises(RuntimeError, match="went on"):
             demo.main(["--mode", same_size, "--out", str(tmp_path)])
+
+
+def test_study_regimes_are_the_settings_their_labels_name():
+    """DEMO=study's regimes, parsed as train.py parses them: each the study's setting, on one budget, at the seeds
+    (the demo's first, whose from-scratch start is the demo's); the phases each gets at the default size."""
+    regimes = [r[0] for r in demo.STUDY_REGIMES]
+    plan = demo.study_plan("/no/such/out", demo.MODES["study"], regimes, [42, 43, 44], 250_000)
+    assert sorted({r for r, _ in plan}) == sorted(r for r in regimes if not r.startswith("from_"))  # later: the best
+    cfg = {key: run["cfg"] for key, run in plan.items()}
+    assert {(c.seed, c.max_tokens, c.eval_interval) for (_, seed), c in cfg.items()} == {
+        (s, 250_000, 10) for s in (42, 43, 44)}
+    assert demo.DEMO_SEED == train.parse_config([demo.config_path("target")]).seed == 42
+    assert [cfg[f"et{p}", 43].embedding_tuning_frac for p in (5, 10, 25, 50)] == [0.05, 0.1, 0.25, 0.5]
+    assert cfg["et10", 43].freeze_transformer and not cfg["accelerated", 43].freeze_transformer
+    assert cfg["unified", 43].lr_schedule == "unified" and cfg["et10", 43].lr_schedule == "cosine"
+    warm = cfg["warmup10", 43]
+    assert (warm.warmup_relative_to, warm.embedding_warmup_frac, warm.warmup_frac) == ("phase", 0.1, 0.1)
+    vbs = cfg["vbs", 43]
+    assert (vbs.phase_unit, vbs.embedding_batch_size, vbs.embedding_gradient_accumulation_steps) == ("tokens", 2, 1)
+    assert cfg["scratch", 42].init_from == "/no/such/out/init-scratch"  # the demo's from-scratch start
+    assert cfg["scratch", 43].init_from == "/no/such/out/init-scratch-seed43"
+    assert demo.scratch_start(42) == ("init-scratch", demo.SCRATCH_SEED) != demo.scratch_start(43)
+    phases = {r: [(p.name, p.steps) for p in train.plan_phases(c, train_blocks=0)] for (r, s), c in cfg.items()
+              if s == 42}
+    assert phases["baseline"] == phases["scratch"] == [("full", 122)]  # 122 steps of 16 x 128 tokens
+    assert phases["et5"] == [("embedding", 7), ("full", 115)] and phases["et50"] == [("embedding", 61), ("full", 61)]
+    assert phases["frozen"] == [("embedding", 122)]
+    assert phases["vbs"] == [("embedding", 98), ("full", 109)]  # 10% of the tokens at 2 x 128 a step
+
+
+def test_study_bad_input_is_one_line_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "prepare_data", lambda *a: pytest.fail("no stage may run"))
+    for argv, message in [(["--regimes", "et10,et7"], "--regimes: unknown regime 'et7' (expected some of baseline"),
+                          (["--tokens", "1000"], "--tokens=1000: too small for et5 (embedding phase 5%): 1 "
+                                                 "embedding-phase step(s) and 0 full-phase step(s)"),
+                          (["--seeds", "1"], "--seeds=1: the spread over seeds needs at least 2")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            demo.main(["--mode", "study-quick", "--out", str(tmp_path), *argv])
+    with pytest.raises(UserError, match="--seeds, --regimes and --tokens are options of --mode study"):
+        demo.main(["--mode", "quick", "--out", str(tmp_path), "--seeds", "5"])
+    assert not any(tmp_path.iterdir())  # nothing written, not even demo_mode.json
+    r = run_py(["demo.py", "--mode", "study", "--out", str(tmp_path), "--regimes", "warmup1"])
+    assert r.returncode == 1 and r.stderr.startswith("error: --regimes: unknown regime 'warmup1'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_study_rule_and_its_spread():
+    assert demo.spread([1.0, 2.0, 3.0]) == (2.0, 1.0, 1.0, 3.0)
+    assert demo.beyond_spread([10.0, 11.0, 12.0], [14.0, 15.0, 16.0])  # 4 > 2 x pooled sd 1
+    assert not demo.beyond_spread([10.0, 11.0, 12.0], [11.0, 12.0, 13.0])
+    assert demo.beyond_spread([10.0, 10.0], [10.5, 10.5]) and not demo.beyond_spread([3.0, 3.0], [3.0, 3.0])
+    assert demo.show([1.0, 2.0, 3.0]) == "2.0 ± 1.0 (1.0–3.0)"
+    assert demo.show([None, 50.0, 70.0], 0, "%") == "not reached at 1 of 3 seeds; 60% ± 14 (50–70)"
+    # the best regime: all seeds reach regular pre-training's final perplexity, then the fewest tokens (mean), from
+    # the CLP start only
+    reach = {"baseline": [100, 100], "et10": [60, 70], "et25": [40, None], "et50": [62, 66], "scratch": [1, 1]}
+    results = {(name, seed): dict(init="init-scratch" if name == "scratch" else "init-clp-guarded",
+                                  reach_baseline=r, final_ppl=10.0, seed=seed)
+               for name, per_seed in reach.items() for seed, r in zip((42, 43), per_seed)}
+    assert demo.best_regime(results) == "et50"
+    results["et10", 43]["reach_baseline"] = 56
+    assert demo.best_regime(results) == "et10"  # 58 < 64
+    assert [name for name in demo.by_regime(results)] == ["baseline", "et10", "et25", "et50", "scratch"]
