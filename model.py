@@ -495,6 +495,11 @@ class LlamaBlock(nn.Module):
 LEGACY_BUFFERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")  # in old checkpoints
 
 
+def embedding(num_embeddings, dim):
+    """nn.Embedding without its own random init (init_weights gives it transformers' off the meta device)."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 class CausalLM(nn.Module):
     """What every family shares: the forward pass (embed, blocks, final norm, head), counting, generation, HF-format
     loading and saving. A family defines its modules with its HF names and answers the questions below; nothing
@@ -536,6 +541,12 @@ class CausalLM(nn.Module):
         """The head shares the input embedding's weight (after loading or to_empty, which allocate it twice)."""
         if self.tied:
             self.output_embeddings().weight = self.input_embeddings().weight
+
+    def init_weights(self):
+        """transformers' init, for training from scratch; nothing on the meta device, where weights are loaded later
+        (a normal_ there imports torch._dynamo: seconds of a process that only loads a model, as clp.py and eval.py do)."""
+        if self.input_embeddings().weight.device.type != "meta":
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module):
@@ -666,13 +677,13 @@ class GPTNeoX(CausalLM):
         super().__init__()
         self.config = config
         self.gpt_neox = nn.ModuleDict(dict(
-            embed_in=nn.Embedding(config.vocab_size, config.n_embd),
+            embed_in=embedding(config.vocab_size, config.n_embd),
             layers=nn.ModuleList([GPTNeoXBlock(config) for _ in range(config.n_layer)]),
             final_layer_norm=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
         ))
         self.embed_out = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
-        self.apply(self._init_weights)
+        self.init_weights()
 
     def input_embeddings(self):
         return self.gpt_neox.embed_in
@@ -698,13 +709,13 @@ class Llama(CausalLM):
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            embed_tokens=embedding(config.vocab_size, config.n_embd),
             layers=nn.ModuleList([LlamaBlock(config, config.window(i)) for i in range(config.n_layer)]),
             norm=RMSNorm(config.n_embd, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
-        self.apply(self._init_weights)
+        self.init_weights()
 
     def input_embeddings(self):
         return self.model.embed_tokens
