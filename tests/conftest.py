@@ -64,6 +64,24 @@ def hf_llama(model_type="llama", vocab_size=1001, hidden_size=64, num_hidden_lay
     return model
 
 
+def gpt2_helper(path, vocab_size, seed=1, n_embd=48):
+    """A transformers GPT-2 with anisotropic input embeddings (a common offset, as trained GPT-2 has)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=1, n_head=2, n_positions=64))
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(0.02)
+    model.save_pretrained(path)
+    return model.transformer.wte.weight.detach().clone()
+
+
+def safetensors_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
 @pytest.fixture
 def tiny_hf_dir(tmp_path):
     """A transformers-saved tiny GPT-NeoX directory (single model.safetensors)."""
@@ -198,3 +216,4 @@ def stop_by_sigterm_while_reading(monkeypatch, pos, run):
     with pytest.raises(SystemExit):
         run()
     monkeypatch.setattr(data.Blocks, "batch", batch)
+
