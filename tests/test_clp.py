@@ -8,9 +8,10 @@ import os
 
 import pytest
 import torch
-from conftest import hf_neox, make_hub_cache, run_py
+from conftest import gpt2_helper, hf_neox, make_hub_cache, run_py, safetensors_state
 
-from clp import Match, TransferOptions, apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax
+from clp import (Match, TransferOptions, apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax,
+                 token_bytes)
 from common import UserError, load_tokenizer, save_tokenizer, sha256_file
 from model import GPTNeoX
 
@@ -129,18 +130,6 @@ def test_matches_reference(weighting):
 # tiny HF-format models: GPT-NeoX source (English BPE), GPT-2 helper (German BPE)
 
 
-def gpt2_helper(path, vocab_size, seed=1, n_embd=48):
-    """A transformers GPT-2 with anisotropic input embeddings (a common offset, as trained GPT-2 has)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=1, n_head=2, n_positions=64))
-    with torch.no_grad():
-        model.transformer.wte.weight.add_(0.02)
-    model.save_pretrained(path)
-    return model.transformer.wte.weight.detach().clone()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, eltec_tokenizers):
     """source: GPT-NeoX with the English BPE (6 spare rows, as Pythia has); helper: GPT-2 with the German BPE shipped
@@ -154,12 +143,6 @@ def tiny(tmp_path_factory, eltec_tokenizers):
     gpt2_helper(helper, deu.get_vocab_size())
     deu.model.save(str(helper))
     return source, helper, root
-
-
-def safetensors_state(path):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 def test_tiny_models_end_to_end(tiny):
@@ -291,6 +274,12 @@ def test_special_tokens_by_role(tmp_path, eltec_tokenizers):
     config = json.loads((tmp_path / "target" / "config.json").read_text())
     ids = (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
     assert ids == (hv["<s>"], hv["</s>"], hv["<pad>"])
+    # the helper's tokenizer.json named as a file keeps its special tokens: read from the files beside it
+    _, _, report = apply_clp(str(source), method="fvt", target_tokenizer=str(helper / "tokenizer.json"),
+                             target_model_path=str(tmp_path / "from-file"))
+    config = json.loads((tmp_path / "from-file" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == ids
+    assert report["special_tokens"]["bos_token"]["init"] == "fvt (the source has no token for this role)"
     tok = AutoTokenizer.from_pretrained(tmp_path / "target")
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
     # a declared special token the helper's tokenizer lacks: reported, and kept out of the target's tokenizer files
@@ -357,6 +346,13 @@ def test_realistic_overlap_pythia_gpt2(real_tokenizers):
     pairs = dict(zip(shared_helper.tolist(), shared_src.tolist()))
     assert pairs[hv["<|endoftext|>"]] == sv["<|endoftext|>"] == 0
     assert pairs[hv["Ġthe"]] == sv["Ġthe"]
+    # matched by the bytes tokens stand for (the default), the same pairs: one family (the GPT-2 files read as
+    # clp.py reads them, <|endoftext|> a special token as in GPT-2's tokenizer.json; Pythia's added runs of spaces
+    # yield to its Ġ runs)
+    gpt2_tok = load_tokenizer(gpt2_dir)
+    by_bytes = match_vocabularies(sv, gpt2_tok.get_vocab(with_added_tokens=True), token_bytes(pythia),
+                                  token_bytes(gpt2_tok))
+    assert all(torch.equal(a, b) for a, b in zip(by_bytes, (shared_src, shared_helper, missing)))
     # the fast path at this overlap (narrow random matrices): every GPT-2 id gets a row
     g = torch.Generator().manual_seed(0)
     out, fb = clp_embeddings(torch.randn(50304, 8, generator=g), torch.randn(50257, 8, generator=g) + 3,
@@ -383,7 +379,20 @@ def test_bad_inputs(tiny, tmp_path, monkeypatch):
     nothing = tmp_path / "nothing"
     nothing.mkdir()
     Tokenizer(models.WordLevel({"Xq§1": 0, "Xq§2": 1}, unk_token="Xq§1")).save(str(nothing / "tokenizer.json"))
-    assert_error("no shared tokens", str(source), str(helper), str(target), helper_tokenizer_name_or_path=str(nothing))
+    for matching, how in (("bytes", "even matched by the bytes"), ("exact", "by exact string")):
+        assert_error(rf"no shared tokens between the source tokenizer \({source}, byte_level\) and the helper "
+                     rf"tokenizer \({nothing}, plain\) {how}.*--method fvt.*or a helper", str(source), str(helper),
+                     str(target), helper_tokenizer_name_or_path=str(nothing), token_matching=matching)
+    # fvt and mean need no shared token: fvt splits each token ('Xq§1': X, q, §, 1), mean averages the source's
+    # token rows; rows no token has: the mean of all source rows
+    E, src_tok = safetensors_state(source)["gpt_neox.embed_in.weight"], load_tokenizer(str(source))
+    rows = {m: apply_clp(str(source), method=m, target_tokenizer=str(nothing)) for m in ("fvt", "mean")}
+    for embed_in, _, report in rows.values():
+        assert report["shared_tokens"] == 0 and embed_in.shape[0] == 128
+        torch.testing.assert_close(embed_in[2:], E.mean(0).expand(126, -1))
+    torch.testing.assert_close(rows["fvt"][0][0], E[src_tok.encode("Xq§1").ids].mean(0))
+    token_ids = sorted(src_tok.get_vocab(with_added_tokens=True).values())
+    torch.testing.assert_close(rows["mean"][0][0], E[token_ids].mean(0))
     # random init of every row needs no shared token
     embed_in, _, report = apply_clp(str(source), str(helper), random_init=True,
                                     helper_tokenizer_name_or_path=str(nothing))
@@ -597,10 +606,12 @@ def test_cli_fvt_without_helper_model(tiny, tmp_path):
     args = ["clp.py", "apply_clp", "--source_model_name_or_path", str(source), "--method", "fvt",
             "--target_tokenizer", str(helper),
             "--target_model_path", str(tmp_path / "out")]
-    r = run_py(args)
+    r = run_py(args + ["--token_matching", "exact"])
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "clp_report.json").read_text())
     assert report["method"] == "fvt" and sum(report["fvt"]["pieces_histogram"].values()) == report["new_tokens"]
+    assert report["token_matching"] == "exact" and report["shared_tokens"] == report["shared_tokens_exact"]
+    assert report["tokenizer_conventions"] == {"source": "byte_level", "target": "byte_level"}
     for bad, message in ((["--method", "focus"], "method='focus': expected one of clp, fvt, mean"),
                          (["--method", "fvt"], "needs the target tokenizer")):
         r = run_py(args[:4] + bad + ["--target_model_path", str(tmp_path / "x")])
