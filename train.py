@@ -685,6 +685,7 @@ def train_loop(run):
     verify_grads = False  # after a switch, until a step updates: every trainable parameter got a gradient
     first_step = True  # the first step after the model was (re)built: compile, allocator warm-up
     start_step = state.step
+    reset_peak_rss()  # each phase's peak host memory is its own, loading left out
     run.stop.deferred = True  # from here a signal stops the run at the next step boundary, with a checkpoint
     while state.step < run.total_steps:
         if state.step >= run.phase.end:  # the switch, exactly at the boundary
@@ -735,6 +736,26 @@ def switch_phase(run):
     run.wrapped = wrap(run.model, run.cfg, run.rt)
     if run.rt.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.rt.device)
+    reset_peak_rss()
+
+
+def reset_peak_rss():
+    """Start the process's peak resident memory (VmHWM) afresh, so that a phase's peak is its own (Linux; elsewhere a
+    no-op, and the phases report no host peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb():
+    """The process's peak resident memory since the last reset_peak_rss, in MiB (None where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def step_batches(run, reader, progressed):
@@ -798,6 +819,8 @@ def record_step(run, lr, loss, dt, first_step):
         stats["first_steps_seconds"] += dt
     if "peak_mem_mb" in record:
         stats["peak_mem_mb"] = record["peak_mem_mb"]
+    if (rss := peak_rss_mb()) is not None:  # host memory: the whole footprint on a CPU
+        stats["peak_rss_mb"] = max(stats.get("peak_rss_mb", 0.0), rss)
     return record
 
 

@@ -206,6 +206,8 @@ def test_resume_keeps_the_phase_statistics_and_leaves_a_finished_run_alone(corpu
     assert emb["tokens_per_s"] == pytest.approx(256 / dt[2])
     assert full["tokens_per_s"] == pytest.approx(512 / (dt[5] + dt[6]))
     assert emb["first_steps_seconds"] == pytest.approx(dt[1] + dt[3])
+    if sys.platform == "linux":  # each phase's own peak host memory (VmHWM, reset at its start)
+        assert 0 < emb["peak_rss_mb"] <= summary["peak_rss_mb"] and 0 < full["peak_rss_mb"] <= summary["peak_rss_mb"]
 
     files = [tmp_path / "summary.json", tmp_path / "metrics.jsonl", tmp_path / "hf" / "model.safetensors"]
     before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
