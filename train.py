@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Blocks, check_tokenizer, load_meta
 from common import (UserError, atomic_dir, atomic_path, exp, json_safe, load_tokenizer, read_json, resolve_model_dir,
-                    round_up, run_cli, save_tokenizer, tokenizer_file, tokenizer_sha256, torch_dtype, write_json)
+                    round_up, run_cli, save_tokenizer, tokenizer_file, torch_dtype, write_json)
 from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
 
 
@@ -771,7 +771,7 @@ def check_resume_data(cfg, checkpoint, meta, ckpt_path):
     tokenizer_dir = checkpoint["tokenizer_dir"]
     file = tokenizer_file(tokenizer_dir)
     if file and os.path.isfile(file):
-        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), f"{ckpt_path} (tokenizer {tokenizer_dir})",
+        check_tokenizer(meta, tokenizer_dir, f"{ckpt_path} (tokenizer {tokenizer_dir})",
                         cfg.data_dir)
 
 
@@ -825,6 +825,8 @@ def build_model(cfg, meta, checkpoint, ckpt_path, rt):
         tokenizer_dir = os.path.join(cfg.data_dir, tokenizer_file) if tokenizer_file else ""
         if tokenizer_dir and cfg.export_hf:
             check_export_tokenizer(tokenizer_dir, f"{os.path.join(cfg.data_dir, 'meta.json')}: tokenizer_file")
+        if tokenizer_dir and os.path.exists(tokenizer_dir):  # as a resumed run checks it
+            check_tokenizer(meta, tokenizer_dir, f"from scratch (tokenizer {tokenizer_dir})", cfg.data_dir)
         vocab_size = cfg.vocab_size or round_up(meta["vocab_size"])
         model_config = GPTNeoXConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                  intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
@@ -841,7 +843,7 @@ def build_model(cfg, meta, checkpoint, ckpt_path, rt):
         if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
             raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data "
                             "was tokenized with the model's tokenizer")
-        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), model_source, cfg.data_dir)
+        check_tokenizer(meta, tokenizer_dir, model_source, cfg.data_dir)
     if meta["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{cfg.data_dir}: vocabulary of {meta['vocab_size']} tokens, but the model "
                         f"{model_source} has only {model_config.vocab_size} embedding rows")

