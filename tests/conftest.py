@@ -190,7 +190,8 @@ def bos_tokenizer(tmp_path_factory):
     from data import train_bpe
 
     tok = train_bpe(eltec_texts("deu", limit_chars=100_000), 1200, special_tokens=("<unk>", "<s>", "</s>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     path = tmp_path_factory.mktemp("tok-bos")
     tok.save(str(path / "tokenizer.json"))
     save_tokenizer(str(path), str(path), {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})

@@ -214,7 +214,8 @@ def test_tokenizer_mismatch_check(tmp_path, eltec_tokenizers):
 # framing: BOS where the tokenizer adds one
 
 
-GERMAN = ["Es war einmal ein König.", "Grüße aus Köln: „Straßenbahn“ fährt über die Brücke — 5 €, ß und Æ.",
+GERMAN = ["Es war einmal ein König.",
+          "Grüße aus Köln: „Straßenbahn“ fährt über die Brücke — 5 €, ß und Æ.",
           "  Daß   er kam,\n\nwar gut.  ", "Ein Dokument, das\nüber zwei Zeilen geht."]
 
 
@@ -293,9 +294,9 @@ def test_data_framed_otherwise_than_the_models_tokenizer_is_refused(tmp_path, bo
     data.check_tokenizer(meta, str(bos_tokenizer), "llama-like", "bos")
     older = {k: v for k, v in meta.items() if k != "framing"}
     with pytest.raises(UserError, match=r"^bos frames each document as text \+ EOS, no BOS \(its meta.json has no "
-                                        r"framing: an older data.py\), but the tokenizer of the model llama-like frames a "
-                                        r"text as BOS \(id 1\) \+ text \+ EOS; prepare the data again with data.py and "
-                                        r"the model's tokenizer$"):
+                                        r"framing: an older data.py\), but the tokenizer of the model llama-like "
+                                        r"frames a text as BOS \(id 1\) \+ text \+ EOS; prepare the data again with "
+                                        r"data.py and the model's tokenizer$"):
         data.check_tokenizer(older, str(bos_tokenizer), "llama-like", "bos")
     meta = prep(src, tmp_path / "plain", eltec_tokenizers["deu"], validation_sources=[src])
     data.check_tokenizer({k: v for k, v in meta.items() if k != "framing"}, str(eltec_tokenizers["deu"]), "neox", "x")

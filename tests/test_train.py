@@ -391,7 +391,8 @@ def test_data_framed_otherwise_than_the_models_tokenizer_is_refused(corpus, tmp_
     with pytest.raises(UserError, match=re.escape(refused.format(f"from scratch (tokenizer {bos_tokenizer})"))):
         train.main([*args(corpus, tmp_path / "scratch", f"--data_dir={data_dir}", "--init_from=scratch",
                           "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2")])
-    with pytest.raises(UserError, match=re.escape(refused.format(f"{tmp_path / 'run' / 'ckpt.pt'} (tokenizer {init})"))):
+    resumed = f"{tmp_path / 'run' / 'ckpt.pt'} (tokenizer {init})"
+    with pytest.raises(UserError, match=re.escape(refused.format(resumed))):
         train.main([*run_args, "--init_from=resume", "--max_iters=4"])
 
 
