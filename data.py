@@ -24,9 +24,11 @@ are empty or only white space are skipped.
 The split is the study's (prepare_oscar.py, with its valid_percent bug fixed): documents in source order; the first
 ones go to train until train holds at least --subsample_size_mb MiB (2**20 bytes of UTF-8 text; the document that
 crosses the line is kept whole), the following ones to validation until it holds at least --valid_percent % of that.
-Each document is tokenized (a literal "<|endoftext|>" in it stays text) and followed by the end-of-text token,
-so the eos id marks document ends and nothing else; train.bin and val.bin hold the flat token ids
-(uint16 when every id fits, else uint32) and meta.json says how they were made. The output directory is built
+Each document is tokenized (a literal "<|endoftext|>" in it stays text) and framed as the tokenizer frames a text:
+the BOS token first when its post-processor adds one (Llama 2/3, Mistral; GPT-NeoX, GPT-2 and Qwen add none), and
+the end-of-text token after it, so the eos id marks document ends and nothing else; train.bin and val.bin hold the
+flat token ids (uint16 when every id fits, else uint32) and meta.json says how they were made (its "framing": the
+bos and eos ids). The output directory is built
 under a temporary name and appears only when complete.
 """
 
@@ -108,8 +110,8 @@ PIECE_BYTES = 64 * 1024  # a long .txt document is read and tokenized in pieces 
 
 
 class Piece(str):
-    """Part of a long .txt document that goes on in the next item: tokenized like any document, but the end-of-text
-    token comes only after the document's last part (a plain str)."""
+    """Part of a long .txt document that goes on in the next item: tokenized like any document, but the BOS token
+    comes only before the document's first part and the end-of-text token only after its last part (a plain str)."""
 
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".xml", ".xml.gz")
@@ -471,9 +473,10 @@ def train_bpe(texts, vocab_size, special_tokens=("<|endoftext|>",), show_progres
 
 
 def resolve_tokenizer(name, revision=None):
-    """(tokenizers.Tokenizer, local path, sha256, eos id, eos token) from a tokenizer.json file, a directory holding
+    """(tokenizers.Tokenizer, local path, sha256, eos token, framing) from a tokenizer.json file, a directory holding
     one (or vocab.json + merges.txt), or a hub model id. The end-of-text token is the eos_token its
-    tokenizer_config.json / special_tokens_map.json name, else <|endoftext|>."""
+    tokenizer_config.json / special_tokens_map.json name, else <|endoftext|>; framing: {"bos_token_id": the token
+    the tokenizer puts before a text or None, "eos_token_id": its id}."""
     if name.lower().endswith(".json") and not os.path.isfile(name):
         raise UserError(f"{name}: " + ("is a directory, expected the tokenizer.json file" if os.path.isdir(name)
                                        else "tokenizer file not found"))
@@ -485,8 +488,26 @@ def resolve_tokenizer(name, revision=None):
     if eos_id is None:
         raise UserError(f"{name}: the tokenizer has no end-of-text token (no eos_token in its tokenizer_config.json "
                         "or special_tokens_map.json, and no <|endoftext|>)")
-    return tok, path, tokenizer_sha256(path), eos_id, eos
+    framing = {"bos_token_id": added_bos(tok, eos_id, name), "eos_token_id": eos_id}
+    return tok, path, tokenizer_sha256(path), eos, framing
 
+
+def added_bos(tok, eos_id, name):
+    """The id of the token the tokenizer's post-processor puts before every text (Llama 2/3, Mistral: their BOS), or
+    None (GPT-NeoX, GPT-2, Qwen), found by asking it: a short text encoded with and without special tokens. More than
+    one token before a text, or anything after it but the end-of-text token, is a framing data.py does not write."""
+    plain = tok.encode("a", add_special_tokens=False).ids
+    framed = tok.encode("a", add_special_tokens=True).ids
+    start = next((i for i in range(len(framed) - len(plain) + 1) if framed[i:i + len(plain)] == plain), None)
+    if not plain or start is None:
+        raise UserError(f"{name}: cannot tell what the tokenizer adds around a text (\"a\" encodes to {plain} without "
+                        f"special tokens, {framed} with them)")
+    before, after = framed[:start], framed[start + len(plain):]
+    if len(before) > 1 or after not in ([], [eos_id]):
+        raise UserError(f"{name}: the tokenizer's post-processor frames a text as {before} + text + {after}; data.py "
+                        f"writes at most one BOS token before a document and the end-of-text token ({eos_id}) after "
+                        "it (edit post_processor in tokenizer.json, or use a tokenizer that adds only a BOS)")
+    return before[0] if before else None
 
 def token_dtype(vocab_size):
     """uint16 when every token id (0 ... vocab_size - 1) fits, i.e. vocab_size <= 65,536; else uint32. vocab_size:
@@ -559,23 +580,28 @@ def prefetch(iterable, depth=2):
             q.get_nowait()
 
 
-def write_tokens(items, tok, eos_id, dtype, out_dir, batch_bytes=MiB, progress=None):
+def write_tokens(items, tok, framing, dtype, out_dir, batch_bytes=MiB, progress=None):
     """Tokenize (split, document, bytes) items in batches of about batch_bytes of text with encode_batch_fast
-    (Rust, all cores) and append each document's ids, then eos_id, to out_dir/<split>.bin. Returns per-split
-    documents, bytes and tokens. `progress`: the expected bytes, True when unknown, or False."""
+    (Rust, all cores) and append each document's ids, after framing's bos_token_id (when not None) and before its
+    eos_token_id, to out_dir/<split>.bin. Returns per-split documents, bytes and tokens. `progress`: the expected
+    bytes, True when unknown, or False."""
     from tqdm import tqdm
 
     counts = {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in ("train", "val")}
     files = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in counts}
     bar = tqdm(total=progress if progress is not True else None, unit="B", unit_scale=True, unit_divisor=1024,
                desc="tokenizing", disable=None if progress else True, file=sys.stderr)
-    start, tokens = time.time(), 0
+    bos_id, eos_id = framing["bos_token_id"], framing["eos_token_id"]
+    start, tokens, at_start = time.time(), 0, True  # at_start: the next item begins a document
     try:
         for split, docs, size in prefetch(batches(items, batch_bytes)):
             ids, ends = [], 0
             for doc, enc in zip(docs, tok.encode_batch_fast(docs, add_special_tokens=False)):
+                if at_start and bos_id is not None:
+                    ids.append(bos_id)
                 ids += enc.ids
-                if not isinstance(doc, Piece):  # a document's end (a piece: the document goes on)
+                at_start = not isinstance(doc, Piece)  # a piece: the document goes on in the next item
+                if at_start:
                     ids.append(eos_id)
                     ends += 1
             np.array(ids, dtype=dtype).tofile(files[split])
@@ -657,7 +683,7 @@ def prepare(sources, output_dir, tokenizer=None, **options):
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not opts.override:
         raise UserError(f"{output_dir}: exists and is not empty; pass --override to replace it")
     if tokenizer:
-        tok, tok_path, sha, eos_id, eos = resolve_tokenizer(tokenizer, opts.tokenizer_revision)
+        tok, tok_path, sha, eos, framing = resolve_tokenizer(tokenizer, opts.tokenizer_revision)
     train_opened = open_sources(sources, opts.dataset_config_name, opts.dataset_revision)
     val_opened = (open_sources(opts.validation_sources, opts.dataset_config_name, opts.dataset_revision)
                   if opts.validation_sources else [])
@@ -673,16 +699,16 @@ def prepare(sources, output_dir, tokenizer=None, **options):
         if opts.train_tokenizer:
             train_docs = (doc for _, doc, _ in itertools.takewhile(lambda item: item[0] == "train", items()))
             tok_path = train_tokenizer_on(train_docs, opts.vocab_size, tmp, opts.progress)
-            tok, _, sha, eos_id, eos = resolve_tokenizer(tok_path)
+            tok, _, sha, eos, framing = resolve_tokenizer(tok_path)
             stats["undecodable_documents"] = 0  # counted again while tokenizing; the warnings are not repeated
         vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # the id range, which the count may not be
         dtype = token_dtype(vocab)
         total = (opts.train_bytes + (opts.val_bytes or 0)) if opts.train_bytes and not val_opened else None
-        counts = write_tokens(items(), tok, eos_id, dtype, tmp, int(opts.batch_mb * MiB),
+        counts = write_tokens(items(), tok, framing, dtype, tmp, int(opts.batch_mb * MiB),
                               opts.progress and (total or True))
         check_split_sizes(counts, sources, opts)
         meta = {
-            "dtype": dtype, "vocab_size": vocab, "eos_token_id": eos_id, "eos_token": eos,
+            "dtype": dtype, "vocab_size": vocab, "eos_token_id": framing["eos_token_id"], "eos_token": eos,
             "tokenizer": "tokenizer.json" if opts.train_tokenizer else tokenizer,
             "tokenizer_revision": opts.tokenizer_revision, "tokenizer_sha256": sha,
             "tokenizer_file": "tokenizer.json" if opts.train_tokenizer else os.path.abspath(tok_path),
@@ -690,7 +716,9 @@ def prepare(sources, output_dir, tokenizer=None, **options):
             "split_rule": {"subsample_size_mb": opts.subsample_size_mb,
                            "valid_percent": None if opts.validation_sources else opts.valid_percent,
                            "MB": "MiB, 2**20 bytes of UTF-8 text; documents in source order, never split"},
-            "tokens": "each document's ids followed by eos_token_id; tokens counts include them",
+            "framing": framing,
+            "tokens": "each document: framing's bos_token_id (when not null), its ids, eos_token_id; tokens counts "
+                      "include them",
             "sources": {"train": [d for d, _ in train_opened], "val": [d for d, _ in val_opened] or "after train"},
             "text_field": opts.text_field, "txt_documents": opts.txt_documents,
             "undecodable_documents": stats.get("undecodable_documents", 0),
@@ -741,7 +769,7 @@ META_FIELDS = ("dtype", "vocab_size", "eos_token_id", "tokenizer_sha256")
 
 def load_meta(data_dir):
     """meta.json of a prepared data directory, checked: required fields present, token files a whole number of
-    tokens of the recorded dtype."""
+    tokens of the recorded dtype. A meta.json without "framing" (data.py before it recorded one) means no BOS."""
     import numpy as np
 
     if not os.path.isdir(data_dir):
@@ -759,7 +787,12 @@ def load_meta(data_dir):
                           ("eos_token_id", lambda v: type(v) is int and 0 <= v < meta["vocab_size"],
                            "an integer id below vocab_size"),
                           ("tokenizer_sha256", lambda v: type(v) is str, "a string"),
-                          ("tokenizer_file", lambda v: v is None or type(v) is str, "a path")):
+                          ("tokenizer_file", lambda v: v is None or type(v) is str, "a path"),
+                          ("framing", lambda v: isinstance(v, dict) and set(v) == {"bos_token_id", "eos_token_id"}
+                           and (v["bos_token_id"] is None or type(v["bos_token_id"]) is int
+                                and 0 <= v["bos_token_id"] < meta["vocab_size"])
+                           and v["eos_token_id"] == meta["eos_token_id"],
+                           '{"bos_token_id": null or an id below vocab_size, "eos_token_id": eos_token_id}')):
         if key in meta and not ok(meta[key]):
             raise UserError(f"{path}: {key} is {meta[key]!r}, expected {want}")
     itemsize = np.dtype(meta["dtype"]).itemsize
@@ -771,12 +804,24 @@ def load_meta(data_dir):
     return meta
 
 
-def check_tokenizer(meta, sha256, model_source, data_dir):
-    """The model's tokenizer must be the one the token files were made with."""
+def check_tokenizer(meta, tokenizer_dir, model_source, data_dir):
+    """The model's tokenizer (tokenizer_dir) must be the one the token files were made with, and frame a text as they
+    frame each document: a model whose tokenizer adds BOS reads data that starts documents with it, and only such."""
+    sha256 = tokenizer_sha256(tokenizer_dir)
     if meta["tokenizer_sha256"] != sha256:
         raise UserError(f"{data_dir} was tokenized with {meta.get('tokenizer', '?')} (sha256 "
                         f"{meta['tokenizer_sha256'][:12]}...), but the model {model_source} has a different tokenizer "
                         f"(sha256 {sha256[:12]}...); prepare the data with the model's tokenizer")
+    model_bos = added_bos(load_tokenizer(tokenizer_dir), meta["eos_token_id"], tokenizer_dir)
+    data_bos = meta.get("framing", {}).get("bos_token_id")
+    if model_bos != data_bos:
+        def framed(bos):
+            return "text + EOS, no BOS" if bos is None else f"BOS (id {bos}) + text + EOS"
+
+        raise UserError(f"{data_dir} frames each document as {framed(data_bos)}"
+                        f"{'' if 'framing' in meta else ' (its meta.json has no framing: an older data.py)'}, but the "
+                        f"tokenizer of the model {model_source} frames a text as {framed(model_bos)}; prepare the data "
+                        "again with data.py and the model's tokenizer")
 
 
 class Blocks:

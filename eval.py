@@ -10,17 +10,23 @@ and per byte, and the study's German downstream tasks, offline once the data is 
 Perplexity (the OpenGPTX `oscar_ppl` definitions, summed over all documents, never a mean of means):
     token_perplexity = exp(NLL / tokens)      word_perplexity = exp(NLL / whitespace words)
     byte_perplexity  = exp(NLL / UTF-8 bytes)  bits_per_byte  = NLL / (UTF-8 bytes * ln 2)
-Each document is tokenized on its own and preceded by the end-of-text token (the tokenizer's eos), so its first token
-is scored too. Rolling windows of max_length tokens (default: the model's max_position_embeddings) with a stride
-(default: max_length) score every token exactly once: the first window scores the first max_length tokens, each
-later window ends `stride` tokens further on, reads the max_length tokens before its end and scores only its last
-`stride` tokens, so every token after the first window sees at least max_length - stride tokens of context. With the
-default stride this is lm-evaluation-harness's `loglikelihood_rolling` (get_rolling_token_windows with context_len=1),
-so the numbers match `ogx_oscar_ppl_de`; a smaller stride gives more context per token (Hugging Face's "strided
-perplexity") at max_length/stride times the cost. Words are `len(text.split())`; the harness counts
-`len(re.split(r"\s+", text))`, which differs by one for a document with leading or trailing whitespace. Empty
-documents are skipped (and counted). Input: anything data.py reads (.txt, .jsonl/.parquet with --text_field, TEI .xml,
-directories, globs, hf://, URLs; a .txt file is one document unless --txt_documents says otherwise).
+Each document is tokenized on its own (without special tokens) and preceded by one prefix token, so its first token is
+scored too: the tokenizer's BOS token when it names one (Llama 2/3, Mistral: <|begin_of_text|>, <s>), else its
+end-of-text token (Qwen; GPT-NeoX and GPT-2 name <|endoftext|> for both), as lm-evaluation-harness's prefix_token_id
+chooses it and as data.py frames each training document for a tokenizer that adds BOS. Rolling windows of max_length
+tokens (default: the model's max_position_embeddings) with a stride (default: max_length) score every token exactly
+once: the first window scores the first max_length tokens, each later window ends `stride` tokens further on, reads
+the max_length tokens before its end and scores only its last `stride` tokens, so every token after the first window
+sees at least max_length - stride tokens of context. With the default stride this is lm-evaluation-harness's
+`loglikelihood_rolling` (get_rolling_token_windows with context_len=1), so the numbers match `ogx_oscar_ppl_de`; a
+smaller stride gives more context per token (Hugging Face's "strided perplexity") at max_length/stride times the
+cost. Words are `len(text.split())`; the harness counts `len(re.split(r"\s+", text))`, which differs by one for a
+document with leading or trailing whitespace. Empty documents are skipped (and counted). Where a tokenizer's BOS is
+not its eos, the harness versions differ: the OpenGPTX branch (v0.3) prefixes eos; v0.4.3 to v0.4.9.1 do as eval.py
+does; from v0.4.9.2 on the text is encoded with the tokenizer's special tokens, so for one that adds BOS the first
+window reads BOS, BOS and also scores the second BOS, which eval.py does not. Input: anything data.py reads (.txt,
+.jsonl/.parquet with --text_field, TEI .xml, directories, globs, hf://, URLs; a .txt file is one document unless
+--txt_documents says otherwise).
 
 Tasks are data, not code: tasks/NAME.json (or the path of any such file) gives the prompt template, the verbaliser of
 each label, the data and the scoring rule (the format is described above TASK_KEYS below). `loglikelihood`: the
@@ -81,7 +87,9 @@ TASKS_DIR = os.path.join(ROOT, "tasks")
 
 def load_model(name_or_path, revision=None, device="cpu"):
     """(model, tokenizer, prefix_token_id) from an HF-format directory or hub id. The tokenizer files are required:
-    text is scored with the tokenizer the model was trained with, never a guessed one."""
+    text is scored with the tokenizer the model was trained with, never a guessed one. The prefix is the harness's
+    (HFLM.prefix_token_id): the tokenizer's bos_token when it names one, else its eos_token (None: neither, and
+    make_lm takes the model config's)."""
     path = resolve_model_dir(name_or_path, revision)
     has_json = os.path.isfile(os.path.join(path, "tokenizer.json"))
     has_bpe = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
@@ -94,9 +102,9 @@ def load_model(name_or_path, revision=None, device="cpu"):
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise UserError(f"{name_or_path}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model embeds "
                         f"only {model.config.vocab_size}; the tokenizer files belong to another model")
-    eos = read_special_tokens(path).get("eos_token")
-    prefix = tokenizer.token_to_id(eos) if eos else None
-    return model, tokenizer, model.config.eos_token_id if prefix is None else prefix
+    special = read_special_tokens(path)
+    ids = [tokenizer.token_to_id(special[role]) for role in ("bos_token", "eos_token") if special.get(role)]
+    return model, tokenizer, next((i for i in ids if i is not None), None)
 
 
 @dataclass
@@ -125,8 +133,10 @@ def make_lm(model, tokenizer, max_length=None, batch_size=8, prefix_token_id=Non
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be at least 1")
     autocast = None if dtype in (None, "float32") else torch_dtype(dtype)
-    prefix = model.config.eos_token_id if prefix_token_id is None else prefix_token_id
-    return LM(model, tokenizer, prefix, max_length, batch_size, autocast, progress)
+    if prefix_token_id is None:  # without the tokenizer's files: the model config's bos, else its eos
+        bos = getattr(model.config, "bos_token_id", None)
+        prefix_token_id = model.config.eos_token_id if bos is None else bos
+    return LM(model, tokenizer, prefix_token_id, max_length, batch_size, autocast, progress)
 
 
 # -----------------------------------------------------------------------------

@@ -35,8 +35,8 @@ import configurator
 from checkpoint import (FULL, SHARDED, broadcast_object, check_out_dir, claim_out_dir, has_checkpoint,
                         load_checkpoint, load_shards, remove_temp_files, save_checkpoint)
 from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_safe, load_tokenizer, read_json,
-                    resolve_model_dir, round_up, run_cli, save_tokenizer, tokenizer_file, tokenizer_sha256,
-                    torch_dtype, write_json)
+                    resolve_model_dir, round_up, run_cli, save_tokenizer, tokenizer_file, torch_dtype,
+                    write_json)
 from configurator import option
 from data import Blocks, check_tokenizer, load_meta
 from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
@@ -517,8 +517,7 @@ def check_resume_data(cfg, checkpoint, meta):
     tokenizer_dir = checkpoint.training["tokenizer_dir"]
     file = tokenizer_file(tokenizer_dir)
     if file and os.path.isfile(file):
-        check_tokenizer(meta, tokenizer_sha256(tokenizer_dir), f"{checkpoint.path} (tokenizer {tokenizer_dir})",
-                        cfg.data_dir)
+        check_tokenizer(meta, tokenizer_dir, f"{checkpoint.path} (tokenizer {tokenizer_dir})", cfg.data_dir)
 
 
 def build_model(cfg, meta, checkpoint, rt):
@@ -559,6 +558,8 @@ def model_source(cfg, meta, checkpoint):
         tokenizer_dir = os.path.join(cfg.data_dir, tokenizer) if tokenizer else ""
         if tokenizer_dir and cfg.export_hf:
             check_export_tokenizer(tokenizer_dir, f"{os.path.join(cfg.data_dir, 'meta.json')}: tokenizer_file")
+        if tokenizer_dir and os.path.exists(tokenizer_dir):
+            check_tokenizer(meta, tokenizer_dir, f"from scratch (tokenizer {tokenizer_dir})", cfg.data_dir)
         return scratch_config(cfg, meta), tokenizer_dir, "scratch"
     model_dir = resolve_model_dir(cfg.init_from, cfg.init_revision or None)
     config_file = os.path.join(model_dir, "config.json")
@@ -568,7 +569,7 @@ def model_source(cfg, meta, checkpoint):
         raise UserError(f"{cfg.init_from}: no tokenizer.json beside the model; the trainer checks that the data was "
                         "tokenized with the model's tokenizer")
     model_config = config_from_hf(read_json(config_file), source=config_file)
-    check_tokenizer(meta, tokenizer_sha256(model_dir), cfg.init_from, cfg.data_dir)
+    check_tokenizer(meta, model_dir, cfg.init_from, cfg.data_dir)
     return model_config, model_dir, cfg.init_from
 
 

@@ -198,6 +198,24 @@ def real_tokenizers(tmp_path_factory):
     return {"pythia": str(root / "pythia-tokenizer.json"), "gpt2": str(root / "gpt2")}
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer(tmp_path_factory):
+    """A small byte-level BPE (German ELTeC) whose post-processor puts BOS before every text, as Llama 2/3's does: a
+    directory with tokenizer.json (<unk> 0, <s> 1, </s> 2) and configs naming <s> its bos and </s> its eos."""
+    from tokenizers import processors
+
+    from common import save_tokenizer
+    from data import train_bpe
+
+    tok = train_bpe(eltec_texts("deu", limit_chars=100_000), 1200, special_tokens=("<unk>", "<s>", "</s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    path = tmp_path_factory.mktemp("tok-bos")
+    tok.save(str(path / "tokenizer.json"))
+    save_tokenizer(str(path), str(path), {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    return path
+
+
 def stop_by_sigterm_while_reading(monkeypatch, pos, run):
     """run() with a SIGTERM sent while the training data is read at block position `pos` (as a scheduler's
     preemption would arrive mid-step): the run must exit; the reader is restored afterwards."""

@@ -5,6 +5,7 @@ import gzip
 import http.server
 import json
 import os
+import re
 import threading
 import xml.etree.ElementTree as ET
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import ELTEC, make_hub_cache, run_py
 
 import data
-from common import UserError, sha256_file, tokenizer_sha256
+from common import UserError, load_tokenizer, sha256_file, tokenizer_sha256
 
 MiB = 2**20
 
@@ -204,9 +205,114 @@ def test_literal_end_of_text_is_text(tmp_path, eltec_tokenizers):
 def test_tokenizer_mismatch_check(tmp_path, eltec_tokenizers):
     src = write_jsonl(tmp_path / "c.jsonl", corpus(4, 300))
     meta = prep(src, tmp_path / "out", eltec_tokenizers["deu"], subsample_size_mb=600 / MiB)
-    data.check_tokenizer(meta, tokenizer_sha256(str(eltec_tokenizers["deu"])), "de-model", "out")
+    data.check_tokenizer(meta, str(eltec_tokenizers["deu"]), "de-model", "out")
     with pytest.raises(UserError, match="different tokenizer"):
-        data.check_tokenizer(meta, tokenizer_sha256(str(eltec_tokenizers["eng"])), "en-model", "out")
+        data.check_tokenizer(meta, str(eltec_tokenizers["eng"]), "en-model", "out")
+
+
+# -----------------------------------------------------------------------------
+# framing: BOS where the tokenizer adds one
+
+
+GERMAN = ["Es war einmal ein König.",
+          "Grüße aus Köln: „Straßenbahn“ fährt über die Brücke — 5 €, ß und Æ.",
+          "  Daß   er kam,\n\nwar gut.  ", "Ein Dokument, das\nüber zwei Zeilen geht."]
+
+
+@pytest.mark.parametrize("name,bos,eos", [("pythia", None, 0), ("gpt2", None, 50256), ("llama3", 128000, 128001),
+                                          ("qwen", None, 151645)])
+def test_real_tokenizers_frame_documents_as_they_frame_a_text(tmp_path, request, real_tokenizers, name, bos, eos):
+    """Each document of the token files is what the tokenizer itself makes of the text (its default encoding, special
+    tokens included: Llama-3.2 puts <|begin_of_text|> first; Pythia, GPT-2 and Qwen add nothing), then its eos id.
+    For a tokenizer that adds nothing that is byte for byte what data.py always wrote: each document's ids and eos."""
+    tok_path = real_tokenizers.get(name) or request.getfixturevalue(f"{name}_tokenizer")
+    src = write_jsonl(tmp_path / "c.jsonl", GERMAN)
+    meta = prep(src, tmp_path / "out", tok_path, validation_sources=[src])
+    assert meta["framing"] == {"bos_token_id": bos, "eos_token_id": eos} and meta["eos_token_id"] == eos
+    tok = load_tokenizer(tok_path)
+    framed = [tok.encode(doc).ids + [eos] for doc in GERMAN]
+    for split in ("train", "val"):
+        assert (tmp_path / "out" / f"{split}.bin").read_bytes() == np.array(sum(framed, []), meta["dtype"]).tobytes()
+    if bos is None:
+        assert framed == [tok.encode(doc, add_special_tokens=False).ids + [eos] for doc in GERMAN]
+    else:
+        assert [ids[0] for ids in framed] == [bos] * len(GERMAN)
+    assert data.load_meta(tmp_path / "out")["framing"] == meta["framing"]
+
+
+def test_bos_once_per_document_also_when_it_comes_in_pieces(tmp_path, monkeypatch, bos_tokenizer):
+    """A tokenizer that adds BOS: each document starts with it and ends with eos, a long .txt file read in pieces
+    included (one BOS, not one per piece), across encode_batch batches; the counts include both."""
+    monkeypatch.setattr(data, "PIECE_BYTES", 4096)
+    novel = list(data.iter_documents(os.path.join(ELTEC, "deu", "DEU062.xml.gz")))[0][:40_000]
+    (tmp_path / "novel.txt").write_text(novel, encoding="utf-8")
+    short = write_jsonl(tmp_path / "short.jsonl", GERMAN)
+    assert len(list(data.documents(data.open_sources(str(tmp_path / "novel.txt"))))) > 5
+    meta = prep([str(tmp_path / "novel.txt"), short], tmp_path / "out", bos_tokenizer, validation_sources=[short],
+                batch_mb=8192 / MiB)
+    assert meta["framing"] == {"bos_token_id": 1, "eos_token_id": 2}
+    tok = load_tokenizer(str(bos_tokenizer))
+    expected = [i for doc in [novel] + GERMAN for i in tok.encode(doc).ids + [2]]
+    assert expected[0] == 1 and expected.count(1) == 1 + len(GERMAN)
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint16").tolist() == expected
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["train"]["tokens"]) == (1 + len(GERMAN), len(expected))
+
+
+@pytest.mark.parametrize("template,error", [("<s> <s> $A", r"frames a text as \[2, 2\] \+ text \+ \[\]"),
+                                            ("$A <sep>", r"frames a text as \[\] \+ text \+ \[3\]"),
+                                            ("$A <|endoftext|>", None)])
+def test_framing_data_py_does_not_write_is_refused(tmp_path, template, error):
+    """More than one token before a text, or after it anything but the eos, is refused before any text is read and
+    nothing is written; a tokenizer that appends its own eos frames documents as data.py does anyway (no BOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "<s>": 2, "<sep>": 3, "b": 4}
+    specials = [(t, vocab[t]) for t in ("<|endoftext|>", "<s>", "<sep>")]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([t for t, _ in specials])
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    os.makedirs(tmp_path / "tok")
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    src = write_jsonl(tmp_path / "c.jsonl", ["a b", "b"])
+    if error:
+        with pytest.raises(UserError, match=f"tok: the tokenizer's post-processor {error}; data.py writes at most"):
+            prep(src, tmp_path / "out", tmp_path / "tok", validation_sources=[src])
+        assert not (tmp_path / "out").exists()
+    else:
+        meta = prep(src, tmp_path / "out", tmp_path / "tok", validation_sources=[src])
+        assert meta["framing"] == {"bos_token_id": None, "eos_token_id": 0}
+        assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint16").tolist() == [1, 4, 0, 4, 0]
+
+
+def test_data_framed_otherwise_than_the_models_tokenizer_is_refused(tmp_path, bos_tokenizer, eltec_tokenizers):
+    """Same tokenizer file, other framing: data from before data.py recorded framing (no BOS) for a model whose
+    tokenizer adds BOS, and the reverse; one line naming both and the way out."""
+    src = write_jsonl(tmp_path / "c.jsonl", corpus(4, 300))
+    meta = prep(src, tmp_path / "bos", bos_tokenizer, validation_sources=[src])
+    data.check_tokenizer(meta, str(bos_tokenizer), "llama-like", "bos")
+    older = {k: v for k, v in meta.items() if k != "framing"}
+    with pytest.raises(UserError, match=r"^bos frames each document as text \+ EOS, no BOS \(its meta.json has no "
+                                        r"framing: an older data.py\), but the tokenizer of the model llama-like "
+                                        r"frames a text as BOS \(id 1\) \+ text \+ EOS; prepare the data again with "
+                                        r"data.py and the model's tokenizer$"):
+        data.check_tokenizer(older, str(bos_tokenizer), "llama-like", "bos")
+    meta = prep(src, tmp_path / "plain", eltec_tokenizers["deu"], validation_sources=[src])
+    data.check_tokenizer({k: v for k, v in meta.items() if k != "framing"}, str(eltec_tokenizers["deu"]), "neox", "x")
+    claims_bos = {**meta, "framing": {"bos_token_id": 5, "eos_token_id": 0}}
+    with pytest.raises(UserError, match=r"^plain frames each document as BOS \(id 5\) \+ text \+ EOS, but the "
+                                        r"tokenizer of the model neox frames a text as text \+ EOS, no BOS; prepare"):
+        data.check_tokenizer(claims_bos, str(eltec_tokenizers["deu"]), "neox", "plain")
+
+
+def test_meta_framing_is_checked(tmp_path, eltec_tokenizers):
+    src = write_jsonl(tmp_path / "c.jsonl", corpus(4, 300))
+    meta = prep(src, tmp_path / "out", eltec_tokenizers["deu"], validation_sources=[src])
+    for framing in ({"bos_token_id": "1", "eos_token_id": 0}, {"bos_token_id": 5000, "eos_token_id": 0},
+                    {"bos_token_id": None, "eos_token_id": 7}, {"bos_token_id": None}, [None, 0]):
+        (tmp_path / "out" / "meta.json").write_text(json.dumps({**meta, "framing": framing}))
+        with pytest.raises(UserError, match=re.escape(f"meta.json: framing is {framing!r}, expected ")):
+            data.load_meta(tmp_path / "out")
 
 
 def test_train_tokenizer_on_train_split_only(tmp_path):

@@ -1,6 +1,7 @@
-"""eval.py against transformers' GPTNeoXForCausalLM (the independent reference): perplexity sums over rolling
-windows, task scores as a by-hand log-likelihood argmax, the GermEval 2018 definition on a vendored sample of the
-original files (tests/data/eval), bad input."""
+"""eval.py against transformers' GPTNeoXForCausalLM and LlamaForCausalLM (the independent references): perplexity sums
+over rolling windows after the harness's prefix token (BOS for a tokenizer that has one), task scores as a by-hand
+log-likelihood argmax, the GermEval 2018 definition on a vendored sample of the original files (tests/data/eval), bad
+input."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import TESTDATA, eltec_texts, hf_neox, run_py
+from conftest import TESTDATA, eltec_texts, hf_llama, hf_neox, run_py
 
 import eval as ev
 from common import UserError, load_tokenizer, save_tokenizer
@@ -45,11 +46,11 @@ def token_logprobs(ref, context, targets):
     return [logp[len(context) - 1 + j, t].item() for j, t in enumerate(targets)]
 
 
-def reference_nll(ref, ids, L, S):
+def reference_nll(ref, ids, L, S, prefix=EOT):
     """NLL of one document from the documented rule, token by token: a token is scored after all tokens before it
-    (from <|endoftext|>) in the first window; later, after the L tokens before the end of its window, windows ending
+    (from the prefix token) in the first window; later, after the L tokens before the end of its window, windows ending
     every S tokens after the first L. Tokens with the same context start share one transformers forward."""
-    seq, by_start = [EOT] + ids, {}
+    seq, by_start = [prefix] + ids, {}
     for i in range(1, len(seq)):
         start = 0 if i <= L else min(L + math.ceil((i - L) / S) * S, len(ids)) - L
         by_start.setdefault(start, []).append(i)
@@ -96,6 +97,42 @@ def test_bits_per_byte_on_german_text(tiny):
     assert r["bytes"] == len(text.encode("utf-8"))
     assert r["bits_per_byte"] == pytest.approx(nll / len(text.encode()) / math.log(2), rel=1e-6)
     assert r["byte_perplexity"] == pytest.approx(2 ** r["bits_per_byte"], rel=1e-9)
+
+
+@pytest.fixture(scope="module", params=["self-made", "llama3"])
+def bos_model(request, tmp_path_factory):
+    """(dir, transformers model): a random tiny LlamaForCausalLM saved with a tokenizer that adds BOS before every
+    text: the self-made one (tests need no package), or Llama-3.2's real one (skipped without its package)."""
+    tok_dir = request.getfixturevalue("bos_tokenizer" if request.param == "self-made" else "llama3_tokenizer")
+    path = tmp_path_factory.mktemp(f"tiny-llama-{request.param}")
+    ref = hf_llama(vocab_size=load_tokenizer(str(tok_dir)).get_vocab_size(), hidden_size=32, num_attention_heads=2,
+                   num_key_value_heads=1, intermediate_size=64, max_position_embeddings=BLOCK, tie_word_embeddings=True)
+    ref.save_pretrained(path)
+    save_tokenizer(str(tok_dir), str(path))
+    return path, ref
+
+
+def test_bos_prefix_and_perplexity_match_transformers(bos_model, long_doc, tiny, tmp_path):
+    """For a tokenizer that adds BOS (Llama 2/3) the prefix is the harness's HFLM.prefix_token_id (transformers'
+    bos_token_id, else its eos_token_id): BOS, not eos; the perplexity sums equal a token-by-token transformers
+    computation from transformers' tokenization (no special tokens) after it, through the API and the CLI. A tokenizer
+    whose BOS is its eos (GPT-NeoX) keeps the eos prefix."""
+    from transformers import AutoTokenizer
+
+    path, ref = bos_model
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    model, tok, prefix = ev.load_model(str(path))
+    assert prefix == hf_tok.bos_token_id != hf_tok.eos_token_id
+    assert ev.load_model(str(tiny[0]))[2] == AutoTokenizer.from_pretrained(tiny[0]).bos_token_id == EOT
+    docs = SHORT + [long_doc]
+    ids = [hf_tok(d, add_special_tokens=False).input_ids for d in docs]
+    assert len(ids[-1]) > 3 * BLOCK
+    nll = sum(reference_nll(ref, x, BLOCK, BLOCK, prefix=hf_tok.bos_token_id) for x in ids)
+    r = ev.perplexity(model, tok, docs, batch_size=3, prefix_token_id=prefix)
+    assert r["tokens"] == sum(map(len, ids)) and r["nll"] == pytest.approx(nll, rel=1e-6)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cli = ev.main(["--model", str(path), "--ppl_files", str(tmp_path / "docs.jsonl"), "--device", "cpu"])
+    assert cli["nll"] == pytest.approx(nll, rel=1e-6) and cli["tokens"] == r["tokens"]
 
 
 def write_task(tmp_path, scoring, records, prompt):

@@ -369,6 +369,35 @@ def test_resume_refuses_data_made_with_another_tokenizer(corpus, tmp_path, eltec
         train.main([*run_args, "--init_from=resume", "--max_iters=4"])
 
 
+def test_data_framed_otherwise_than_the_models_tokenizer_is_refused(corpus, tmp_path, bos_tokenizer):
+    """A model whose tokenizer adds BOS trains on token files that start each document with it; the same files as an
+    older data.py left them (no framing in meta.json: no BOS) are refused in one line naming both, whether the model
+    comes from init_from, from scratch (the data's own tokenizer) or from a checkpoint (resume)."""
+    data_dir = tmp_path / "data"
+    data.prepare([str(corpus / "texts" / "*.txt")], str(data_dir), str(bos_tokenizer), subsample_size_mb=0.25,
+                 valid_percent=20, progress=False)
+    init = tmp_path / "init"
+    GPTNeoX(GPTNeoXConfig(vocab_size=1200, n_layer=1, n_head=2, n_embd=32, intermediate_size=64, block_size=64,
+                          bos_token_id=1, eos_token_id=2)).save_pretrained(init)
+    save_tokenizer(str(bos_tokenizer), str(init))
+    run_args = args(corpus, tmp_path / "run", f"--data_dir={data_dir}", f"--init_from={init}", "--max_iters=2",
+                    "--eval_interval=2")
+    train.main(run_args)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "framing"}))
+    refused = (f"{data_dir} frames each document as text + EOS, no BOS (its meta.json has no framing: an older "
+               "data.py), but the tokenizer of the model {} frames a text as BOS (id 1) + text + EOS; prepare the data "
+               "again with data.py and the model's tokenizer")
+    with pytest.raises(UserError, match=re.escape(refused.format(init))):
+        train.main([*run_args, f"--out_dir={tmp_path / 'again'}"])
+    with pytest.raises(UserError, match=re.escape(refused.format(f"from scratch (tokenizer {bos_tokenizer})"))):
+        train.main([*args(corpus, tmp_path / "scratch", f"--data_dir={data_dir}", "--init_from=scratch",
+                          "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2")])
+    resumed = f"{tmp_path / 'run' / 'ckpt.pt'} (tokenizer {init})"
+    with pytest.raises(UserError, match=re.escape(refused.format(resumed))):
+        train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+
+
 def test_help_lists_every_key_with_its_default_and_comment():
     for script, defaults in (("train.py", train.TrainConfig()), ("train_variable_bs.py", None)):
         r = run_py([script, "--help"])
