@@ -37,7 +37,7 @@ from checkpoint import (FULL, SHARDED, broadcast_object, check_apart, check_out_
                         remove_temp_files, restore_replaced_run, save_checkpoint)
 from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_safe, load_tokenizer, read_json,
                     resolve_model_dir, round_up, run_cli, save_tokenizer, tokenizer_file, torch_dtype,
-                    write_json)
+                    write_errors, write_json)
 from configurator import option
 from data import Blocks, check_tokenizer, load_meta
 from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
@@ -1207,20 +1207,16 @@ def check_export_tokenizer(path, where):
 
 def export_hf(raw_model, tokenizer_dir, hf_dir, checkpoint_path):
     """out_dir/hf (config, safetensors, tokenizer files) built under a temp name and renamed when complete, so it is
-    never a model without its tokenizer; a previous export goes only then. A write that fails (a full disk: OSError,
-    or safetensors' own SafetensorError) is one line; the run's checkpoint is whole, and a resume exports again."""
-    from safetensors import SafetensorError
-
+    never a model without its tokenizer; a previous export goes only then. A write that fails (a full disk) is one
+    line; the run's checkpoint is whole, and a resume exports again."""
     try:
-        with atomic_dir(hf_dir) as tmp:
+        with atomic_dir(hf_dir) as tmp, write_errors(hf_dir, tmp):
             raw_model.save_pretrained(tmp)
             if tokenizer_dir:
                 save_tokenizer(tokenizer_dir, tmp)
-    except (OSError, SafetensorError) as e:
-        file = os.path.join(hf_dir, "model.safetensors") if isinstance(e, SafetensorError) else hf_dir
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UserError(f"{file}: cannot write the export ({cause}); the checkpoint {checkpoint_path} is kept: free "
-                        "space, then --init_from=resume exports it") from None
+    except UserError as e:
+        raise UserError(f"{e}; the checkpoint {checkpoint_path} is kept: free space, then --init_from=resume "
+                        "exports it") from None
 
 
 class MetricsLog:
