@@ -152,10 +152,10 @@ def load_config(argv, defaults):
     out_dir's lock from here to the run's end (one run per directory) and brings back a run that an override
     stopped before its first checkpoint had set aside."""
     cfg = parse_config(argv, defaults)
-    check_out_dir(cfg.out_dir)
     if cfg.init_from != "resume":
         check_apart(cfg.out_dir, {"init_from": cfg.init_from if cfg.init_from != "scratch" else None,
                                   "data_dir": cfg.data_dir})
+    check_out_dir(cfg.out_dir)
     master = os.environ.get("RANK", "0") == "0"
     if master:
         lock_out_dir(cfg.out_dir)
@@ -679,17 +679,18 @@ def train(argv, defaults, stop):
     if run is None:
         return
     cfg, state = run.cfg, run.state
-    if cfg.eval_only:
-        evaluate_only(run)
-        return
-    if cfg.eval_at_start and cfg.init_from != "resume":
-        val = run.validation_loss(run.eval_blocks)
-        run.metrics.log({"step": state.step, "phase": run.phase.name, "tokens": state.tokens, "val_loss": val,
-                         "val_ppl": exp(val)})
-        if run.rt.master:
-            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
-    train_loop(run)
-    finish(run)
+    with run.metrics:  # closed however the run ends
+        if cfg.eval_only:
+            evaluate_only(run)
+            return
+        if cfg.eval_at_start and cfg.init_from != "resume":
+            val = run.validation_loss(run.eval_blocks)
+            run.metrics.log({"step": state.step, "phase": run.phase.name, "tokens": state.tokens, "val_loss": val,
+                             "val_ppl": exp(val)})
+            if run.rt.master:
+                print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
+        train_loop(run)
+        finish(run)
 
 
 def evaluate_only(run):
@@ -1255,6 +1256,14 @@ class MetricsLog:
             self.file.flush()
             if self.wandb:
                 self.wandb.log(record, step=record["step"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+            self.file = None
 
 
 # -----------------------------------------------------------------------------
