@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -293,24 +294,74 @@ def lock_out_dir(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.seek(0)
-        holder = f.read().strip()
+        holder = f.read().split(";")[0].strip()
         f.close()
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
             raise UserError(f"out_dir={out_dir!r} is in use by {holder or 'another process'} (its {LOCK}): one run "
                             "per directory; wait for that run to end or stop it, or choose another out_dir") from None
         print(f"warning: {path}: cannot lock it ({e.strerror}): nothing stops a second run into {out_dir}")
+    _held[key] = f
+    say_holder(f)
+
+
+def say_holder(f, ready=False):
+    """The lock file's text: who holds it, and once ready (rank 0 has settled out_dir) the launch it belongs to."""
+    if f.closed:
         return
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    job = launch_id()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f"; ready for {job}" if ready and job else "") + "\n")
     f.flush()
-    _held[key] = f
+
+
+def launch_id():
+    """What names this launch on each of its ranks: torchrun's run id and restart, or Slurm's job, step and
+    restart; None when started otherwise."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        return (f"torchrun {env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', 0)} "
+                f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}")
+    if "SLURM_JOB_ID" in env:
+        return f"slurm {env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID')}.{env.get('SLURM_RESTART_COUNT', 0)}"
+    return None
+
+
+def out_dir_ready(out_dir):
+    """Rank 0 has settled out_dir (locked it, brought back a set-aside run): its lock file says so, for the other
+    ranks (wait_for_rank0)."""
+    f = _held.get(os.path.realpath(out_dir))
+    if f is not None:
+        say_holder(f, ready=True)
+
+
+def wait_for_rank0(out_dir, timeout_s):
+    """A rank other than 0 reads out_dir only once rank 0 holds it and has settled it: its lock file names this
+    launch. The wait is in Python, so the launcher's SIGTERM ends it at once when rank 0 fails (a directory another
+    run holds). Without a launch id (started by hand), no wait."""
+    job = launch_id()
+    if job is None:
+        return
+    path, deadline = os.path.join(out_dir, LOCK), time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with open(path) as f:
+                if f"; ready for {job}" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise UserError(f"{path}: rank 0 did not take out_dir within {timeout_s} s (ddp_timeout_s)")
 
 
 def release_out_dirs():
     """The locks this process holds (lock_out_dir), released: the run ended."""
     while _held:
-        _held.popitem()[1].close()
+        f = _held.popitem()[1]
+        if not f.closed:
+            f.seek(0)
+            f.truncate()
+            f.close()
 
 
 def replaced_runs(out_dir):

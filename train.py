@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 from checkpoint import (FULL, SHARDED, broadcast_object, check_apart, check_out_dir, check_ranks_agree, claim_out_dir,
-                        has_checkpoint, load_checkpoint, load_shards, lock_out_dir, release_out_dirs,
-                        remove_temp_files, restore_replaced_run, save_checkpoint)
+                        has_checkpoint, load_checkpoint, load_shards, lock_out_dir, out_dir_ready, release_out_dirs,
+                        remove_temp_files, restore_replaced_run, save_checkpoint, wait_for_rank0)
 from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_safe, load_tokenizer, read_json,
                     resolve_model_dir, round_up, run_cli, save_tokenizer, tokenizer_file, torch_dtype,
                     write_errors, write_json)
@@ -160,6 +160,9 @@ def load_config(argv, defaults):
     if master:
         lock_out_dir(cfg.out_dir)
         restore_replaced_run(cfg.out_dir)
+        out_dir_ready(cfg.out_dir)
+    else:  # the other ranks read out_dir after rank 0 has settled it
+        wait_for_rank0(cfg.out_dir, cfg.ddp_timeout_s)
     checkpoint = None
     if cfg.init_from == "resume":
         checkpoint = load_checkpoint(cfg.out_dir)

@@ -76,6 +76,29 @@ def test_the_lock_dies_with_its_process(tmp_path):
         release_out_dirs()
 
 
+def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(corpus, tmp_path):
+    """Two processes under torchrun into a directory another process holds: rank 0 names the holder in one line;
+    rank 1, waiting in Python for rank 0 to take the directory, ends at the launcher's SIGTERM (not after its 30 s
+    grace and a SIGKILL); nothing is written."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from checkpoint import lock_out_dir; "
+                               "lock_out_dir(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+                              cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                    *train_args(corpus, tmp_path, "--max_iters=2")], env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: out_dir={str(tmp_path)!r} is in use by pid {holder.pid} on {socket.gethostname()} "
+                      f"(its {LOCK}): one run per directory; wait for that run to end or stop it, or choose another "
+                      "out_dir"], r.stderr[-3000:]
+    assert "SIGKILL" not in r.stderr, r.stderr[-3000:]
+    assert os.listdir(tmp_path) == [LOCK]
+
+
 AGREE = """
 import sys
 import torch.distributed as dist
