@@ -85,11 +85,11 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 
 
 @contextmanager
-def write_errors(path, tmp):
+def write_errors(path, tmp, then=None):
     """A write into `tmp` (atomic_dir's temporary directory for `path`) that fails, a full disk above all, as one
-    line naming the file and saying that `path` is as it was (atomic_dir removes `tmp`). Such a failure is an
-    OSError naming a file under `tmp`, or naming none with a write's errno, or safetensors' SafetensorError (not an
-    OSError); anything else (a source that cannot be read) passes through."""
+    line naming the file and saying that `path` is as it was (atomic_dir removes `tmp`), and `then` (what else is
+    kept, what to do). Such a failure is an OSError naming a file under `tmp`, or naming none with a write's errno,
+    or safetensors' SafetensorError (not an OSError); anything else (a source that cannot be read) passes through."""
     from safetensors import SafetensorError
 
     try:
@@ -100,10 +100,11 @@ def write_errors(path, tmp):
             raise
         name = os.path.relpath(str(e.filename), tmp) if inside else ""
         file = os.path.join(path, name) if name and not name.startswith(".tmp-") else path  # not atomic_path's temp
-        raise UserError(f"{file}: cannot write it ({e.strerror or e}); {path} is as it was") from None
+        raise UserError(f"{file}: cannot write it ({e.strerror or e}); {path} is as it was" +
+                        (f"; {then}" if then else "")) from None
     except SafetensorError as e:
         raise UserError(f"{os.path.join(path, 'model.safetensors')}: cannot write it ({str(e).splitlines()[0]}); "
-                        f"{path} is as it was") from None
+                        f"{path} is as it was" + (f"; {then}" if then else "")) from None
 
 
 def write_json(path, obj):

@@ -57,8 +57,8 @@ class TrainConfig:
     eval_interval: int = option(300, "optimizer steps between evaluations and checkpoints")
     eval_iters: int = option(50, "validation batches per periodic evaluation (the full set is evaluated at the end)")
     eval_at_start: bool = option(True)
-    eval_only: bool = option(False, "evaluate the whole validation set and stop; writes out_dir/eval_only.json "
-                                    "only (a run there, with init_from=resume its checkpoint, stays untouched)")
+    eval_only: bool = option(False, "evaluate the whole validation set into out_dir/eval_only.json and stop; the run "
+                                    "in out_dir (with init_from=resume: the one evaluated) stays as it is")
     export_hf: bool = option(True, "write out_dir/hf (config, safetensors, tokenizer) at the end")
     override: bool = option(False, "a fresh run replaces a run in out_dir (kept aside until the new one's first "
                                    "checkpoint)")
@@ -1213,14 +1213,11 @@ def export_hf(raw_model, tokenizer_dir, hf_dir, checkpoint_path):
     """out_dir/hf (config, safetensors, tokenizer files) built under a temp name and renamed when complete, so it is
     never a model without its tokenizer; a previous export goes only then. A write that fails (a full disk) is one
     line; the run's checkpoint is whole, and a resume exports again."""
-    try:
-        with atomic_dir(hf_dir) as tmp, write_errors(hf_dir, tmp):
-            raw_model.save_pretrained(tmp)
-            if tokenizer_dir:
-                save_tokenizer(tokenizer_dir, tmp)
-    except UserError as e:
-        raise UserError(f"{e}; the checkpoint {checkpoint_path} is kept: free space, then --init_from=resume "
-                        "exports it") from None
+    kept = f"the checkpoint {checkpoint_path} is kept: free space, then --init_from=resume exports it"
+    with atomic_dir(hf_dir) as tmp, write_errors(hf_dir, tmp, kept):
+        raw_model.save_pretrained(tmp)
+        if tokenizer_dir:
+            save_tokenizer(tokenizer_dir, tmp)
 
 
 class MetricsLog:
