@@ -160,9 +160,10 @@ def broadcast_object(obj):
 
 
 def check_ranks_agree(checkpoint):
-    """Every rank of a resumed run read the checkpoint rank 0 read (each reads the record itself, before the process
-    group exists; rank 0 holds out_dir's lock, so only a run still writing out_dir when the ranks started can make
-    them differ): rank 0's is the one, and a rank that read another stops the run on every rank, in one line."""
+    """Every rank of a resumed run read the checkpoint rank 0 read: rank 0's is the one, and a rank that read another
+    stops the run on every rank, in one line. Each rank reads the record itself, before the process group exists,
+    but only once rank 0 holds out_dir (wait_for_rank0), so they agree; ranks started without a launcher's id do
+    not wait, and a run that was still writing out_dir could make them differ."""
     mine = (checkpoint.path, checkpoint.training["step"])
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
