@@ -331,8 +331,7 @@ def test_fresh_run_into_a_finished_run_refuses_and_override_replaces_it(corpus, 
 
 def test_resume_refuses_changes_that_corrupt_the_run_and_accepts_a_longer_one(corpus, tmp_path, capsys):
     """Keys that give the saved state its meaning (block_size: the data position counts blocks) are refused with
-    both values; a longer max_iters continues; a length that would move the phase boundary under steps already
-    taken is refused."""
+    both values; a longer max_iters continues."""
     run_args = args(corpus, tmp_path, "--max_iters=4", "--eval_interval=2")
     train.main(run_args)
     with pytest.raises(UserError, match=r"init_from=resume: block_size=16 \(saved: 32\), seed=1 \(saved: 42\) "
@@ -344,11 +343,36 @@ def test_resume_refuses_changes_that_corrupt_the_run_and_accepts_a_longer_one(co
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
-    phased = args(corpus, tmp_path / "phased", "--max_iters=4", "--eval_interval=2", "--embedding_tuning_frac=0.5")
-    train.main(phased)  # embedding steps 0..1: at max_iters=8 they would be 0..3, with steps 2..3 taken in full
-    with pytest.raises(UserError, match="embedding phase would be steps 0..3, but the saved run at step 4 has taken "
-                                        "2 embedding steps"):
-        train.main([*phased, "--init_from=resume", "--max_iters=8"])
+
+
+def test_a_run_extended_after_its_switch_keeps_its_embedding_phase(corpus, tmp_path, monkeypatch, capsys):
+    """12 steps at embedding_tuning_frac=0.25 (embedding steps 0..2), then resumed to 16: ceil(0.25 x 16) = 4 would
+    move the boundary under steps taken in full, so the embedding phase stays as it was and the full phase has the
+    rest: steps 13-16 train in full, its cosine re-planned over its 13 steps (warmup kept), at min_lr at step 16.
+    Before the switch the rule stands: a length whose embedding phase ends before the steps taken is refused."""
+    run_args = args(corpus, tmp_path, "--max_iters=12", "--eval_interval=6", "--embedding_tuning_frac=0.25")
+    train.main(run_args)
+    first = {m["step"]: m for m in metrics(tmp_path) if "lr" in m}
+    capsys.readouterr()
+    train.main([*run_args, "--init_from=resume", "--max_iters=16"])
+    assert "  embedding phase: steps 0..2," in capsys.readouterr().out
+    log = {m["step"]: m for m in metrics(tmp_path) if "lr" in m}
+    assert sorted(log) == list(range(1, 17)) and all(log[s] == first[s] for s in range(1, 13))
+    assert [log[s]["phase"] for s in range(1, 17)] == ["embedding"] * 3 + ["full"] * 13
+    warmup = round(0.1 * 12)  # warmup_frac of the run as it was planned
+    for step in range(13, 17):
+        assert log[step]["lr"] == pytest.approx(expected_lr(step - 1, 3, 13, warmup, 3e-3, 3e-4, "cosine"), rel=1e-12)
+    assert log[13]["lr"] > 2 * 3e-4 and log[16]["lr"] == 3e-4  # the decay starts again and ends at 16
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["phases"]["embedding"]["steps"], summary["phases"]["full"]["steps"]) == (3, 13)
+    plan = torch.load(tmp_path / "ckpt.pt", weights_only=True)["plan"]
+    assert [(p["name"], p["start"], p["steps"]) for p in plan["phases"]] == [("embedding", 0, 3), ("full", 3, 13)]
+
+    before = args(corpus, tmp_path / "before", "--max_iters=8", "--eval_interval=4", "--embedding_tuning_frac=0.5")
+    stop_by_sigterm_while_reading(monkeypatch, 16, lambda: train.main(before))  # stopped after step 3 of 0..3
+    with pytest.raises(UserError, match="embedding phase would be steps 0..1, but the saved run at step 3 has taken "
+                                        "3 embedding steps"):
+        train.main([*before, "--init_from=resume", "--max_iters=4"])
 
 
 def test_resume_refuses_data_made_with_another_tokenizer(corpus, tmp_path, eltec_tokenizers):
