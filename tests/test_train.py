@@ -393,6 +393,47 @@ def test_resume_refuses_data_made_with_another_tokenizer(corpus, tmp_path, eltec
         train.main([*run_args, "--init_from=resume", "--max_iters=4"])
 
 
+def test_resume_refuses_data_prepared_again_from_other_text(corpus, tmp_path, capsys, eltec_tokenizers):
+    """The checkpoint records its data (sizes, meta.json, sampled content). The same text prepared again into the
+    data directory is the same data and resumes; other text with the same tokenizer is refused in one line naming
+    data_dir and the way out; a checkpoint of an older train.py (no record) resumes, warned once."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(corpus / "data", data_dir)
+    run_args = args(corpus, tmp_path / "run", f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2")
+    train.main(run_args)
+    record = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["data"]
+    assert record == data.data_fingerprint(str(data_dir))
+    assert record["train_bytes"] == (data_dir / "train.bin").stat().st_size
+
+    def prepare(texts):
+        data.prepare([str(texts / "*.txt")], str(data_dir), str(eltec_tokenizers["deu"]), subsample_size_mb=0.25,
+                     valid_percent=20, progress=False, override=True)
+
+    prepare(corpus / "texts")  # the same text again: a new meta.json "created", the same data
+    train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(6):  # the same documents in the opposite order: other token files, the same tokenizer
+        shutil.copyfile(corpus / "texts" / f"{5 - i}.txt", other / f"{i}.txt")
+    prepare(other)
+    refused = (f"data_dir='{data_dir}' is not the data {tmp_path / 'run' / 'ckpt.pt'} was trained on (train.bin "
+               f"{record['train_bytes']:,} -> {(data_dir / 'train.bin').stat().st_size:,} bytes")
+    with pytest.raises(UserError, match=re.escape(refused) + r".*put that data back to resume, or train on this data "
+                                                              "in a fresh run"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=6"])
+
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    del ckpt["data"], ckpt["plan"]  # as an older train.py wrote it
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    capsys.readouterr()
+    train.main([*run_args, "--init_from=resume", "--max_iters=6"])
+    assert capsys.readouterr().out.count("was written by an older train.py and does not record its data") == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
 def test_data_framed_otherwise_than_the_models_tokenizer_is_refused(corpus, tmp_path, bos_tokenizer):
     """A model whose tokenizer adds BOS trains on token files that start each document with it; the same files as an
     older data.py left them (no framing in meta.json: no BOS) are refused in one line naming both, whether the model
