@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import data
 import train
+from checkpoint import load_checkpoint
 from common import UserError, save_tokenizer
 from model import GPTNeoX, GPTNeoXConfig
 
@@ -255,6 +256,77 @@ def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
     ddp_w, single_w = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for name in single_w:
         torch.testing.assert_close(ddp_w[name], single_w[name], rtol=1e-4, atol=1e-5)
+
+
+STOPPED_UNDER_TORCHRUN = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import data, train
+from common import run_cli
+from train_variable_bs import VARIABLE_BATCH_DEFAULTS
+
+batch = data.Blocks.batch
+
+
+def batch_then_sigterm(self, pos, batch_size):  # every rank reads the step's global position: all stop together
+    if self.shuffle_seed is not None and pos == {pos}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return batch(self, pos, batch_size)
+
+
+data.Blocks.batch = batch_then_sigterm
+run_cli(lambda argv: train.main(argv, defaults=VARIABLE_BATCH_DEFAULTS))
+"""
+
+
+def test_variable_batch_run_resumed_on_another_number_of_processes_keeps_its_plan(corpus, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """train_variable_bs.py on 2 processes (the embedding phase: 1 sequence per process, 2 per step), stopped in
+    the embedding phase and resumed on 1: the batches stay as planned for 2 (2 micro-batches per step on the one
+    process), so the phases keep their steps, the learning rate its curve, max_tokens holds, and the run ends as a
+    single process with that batch from the start ends. A run planned for 1 cannot be shared by 2: refused."""
+    from train_variable_bs import VARIABLE_BATCH_DEFAULTS
+
+    common = args(corpus, tmp_path, "--max_tokens=2560", "--eval_interval=100")
+    driver = tmp_path / "stopped.py"
+    driver.write_text(STOPPED_UNDER_TORCHRUN.format(root=ROOT, pos=2))  # during step 2
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+                *[a.replace(str(tmp_path), str(tmp_path / "resumed")) for a in common]], env={"OMP_NUM_THREADS": "1"})
+    assert "stopped by SIGTERM at step 2" in r.stderr, r.stderr[-3000:]
+    resumed = [a.replace(str(tmp_path), str(tmp_path / "resumed")) for a in common]
+    capsys.readouterr()
+    train.main([*resumed, "--init_from=resume"], defaults=VARIABLE_BATCH_DEFAULTS)
+    assert ("resume: the batches stay as planned for 2 process(es), on 1: embedding phase 2 micro-batch(es) of 1 "
+            "per process, full phase 2 micro-batch(es) of 4 per process") in capsys.readouterr().out
+
+    cfg = train.parse_config(resumed, VARIABLE_BATCH_DEFAULTS)
+    n_blocks = data.Blocks(str(corpus / "data" / "train.bin"), "uint16", 32).n_blocks
+    plan = train.plan_phases(cfg, n_blocks, world_size=2)  # 4 embedding steps of 2 x 32 tokens, 9 full of 256
+    assert [(p.name, p.steps, p.tokens_per_step) for p in plan] == [("embedding", 4, 64), ("full", 9, 256)]
+    log = [m for m in metrics(tmp_path / "resumed") if "lr" in m]
+    assert [m["step"] for m in log] == list(range(1, 14))
+    for m in log:
+        phase = train.phase_at(plan, m["step"] - 1)
+        assert (m["phase"], m["lr"]) == (phase.name, pytest.approx(phase.lr(m["step"] - 1, cfg.min_lr), rel=1e-12))
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["tokens"] == 4 * 64 + 9 * 256 == 2560  # max_tokens, not exceeded
+    assert (summary["phases"]["embedding"]["steps"], summary["phases"]["full"]["steps"]) == (4, 9)
+
+    single = [a.replace(str(tmp_path), str(tmp_path / "single")) for a in common]
+    train.main([*single, "--embedding_gradient_accumulation_steps=2"], defaults=VARIABLE_BATCH_DEFAULTS)
+    single_w = weights(tmp_path / "single")
+    for name, tensor in weights(tmp_path / "resumed").items():
+        torch.testing.assert_close(tensor, single_w[name], rtol=1e-4, atol=1e-5)
+
+    planned_for_1 = [a.replace(str(tmp_path), str(tmp_path / "one")) for a in common]
+    stop_by_sigterm_while_reading(monkeypatch, 2, lambda: train.main(planned_for_1, defaults=VARIABLE_BATCH_DEFAULTS))
+    checkpoint = load_checkpoint(str(tmp_path / "one"))
+    with pytest.raises(UserError, match=re.escape(
+            "the batches of {} were planned for 1 process(es): its embedding phase takes 1 micro-batch(es) of 1 "
+            "sequences per optimizer step, which 2 processes cannot share; resume it on 1 process(es)".format(
+                tmp_path / "one"))):
+        train.resume_phases(train.parse_config(planned_for_1, VARIABLE_BATCH_DEFAULTS), checkpoint,
+                            train.TrainState.from_checkpoint(checkpoint), n_blocks, world_size=2)
 
 
 def test_export_loads_in_transformers(corpus, tmp_path):
