@@ -497,13 +497,13 @@ def start_run(argv, defaults, stop):
     rt = setup_processes(cfg)
     state = TrainState.from_checkpoint(checkpoint) if checkpoint else TrainState()
     meta = load_meta(cfg.data_dir)
-    data_record = data_fingerprint(cfg.data_dir)
-    if checkpoint:
-        check_resume_data(cfg, checkpoint, meta, data_record, rt)
     train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rt.rank,
                         rt.world_size)
     val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rt.rank,
                       rt.world_size)
+    data_record = data_fingerprint(cfg.data_dir)
+    if checkpoint:
+        check_resume_data(cfg, checkpoint, meta, data_record, rt)
     phases, planned_for = plan_phases(cfg, train_data.n_blocks, rt.world_size), rt.world_size
     if checkpoint:
         phases, planned_for = resume_phases(cfg, checkpoint, state, train_data.n_blocks, rt.world_size)
