@@ -9,12 +9,20 @@ it and reads it back.
                       optimizer, and train_state.pt (the training state); ckpt/latest names the newest step
     checkpoint.json   the record: which of the two the run wrote last, and at which step (a run may change its
                       parallelism on resume, so both can be there)
+    .lock             the process that runs in out_dir (its pid and host): an OS lock (flock) held for the run's
+                      life, released by the kernel when the process ends, however it ends
+    .replaced-run-*/  a run that override=True set aside until the new run's first checkpoint
 """
 
+import errno
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
-from contextlib import nullcontext
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +33,10 @@ from common import UserError, atomic_dir, atomic_path, read_json, write_json
 FULL = "ckpt.pt"
 SHARDED = "ckpt"
 RECORD = "checkpoint.json"
-RUN_FILES = (FULL, "metrics.jsonl", "summary.json", "hf")  # and the record, and anything named ckpt*
+RUN_FILES = (FULL, "metrics.jsonl", "summary.json", "hf", "eval.json", "eval_only.json")  # and anything named ckpt*
+RUN_RECORDS = (RECORD, "config.json")  # not a run by themselves, but a run's: they move with it
 REPLACED = ".replaced-run-"  # a run that override=True moved aside, deleted at the new run's first checkpoint
+LOCK = ".lock"
 
 
 @dataclass
@@ -100,7 +110,7 @@ def save_shards(path, training, model, optimizer):
     name = f"step-{training['step']:08d}"
     model_state, optimizer_state = get_state_dict(model, optimizer)
     try:
-        with (atomic_dir(os.path.join(path, name)) if master else nullcontext()) as tmp:
+        with (atomic_dir(os.path.join(path, name)) if master else nullcontext()) as tmp, single_process_quiet():
             tmp = broadcast_object(tmp) if distributed else tmp
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
             if master:
@@ -114,6 +124,18 @@ def save_shards(path, training, model, optimizer):
     except (OSError, RuntimeError, CheckpointException) as e:
         raise write_error(path, e) from None
     return name
+
+
+@contextmanager
+def single_process_quiet():
+    """torch.distributed.checkpoint in one process (parallelism='fsdp' without torchrun) warns on every save and load
+    that it assumes one process, which is what the run said it does (one line at its start): that warning alone is
+    silenced, here only."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, "
+                                    r"assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def write_error(path, e):
@@ -135,6 +157,21 @@ def broadcast_object(obj):
 
 # -----------------------------------------------------------------------------
 # reading: the checkpoint the record names
+
+
+def check_ranks_agree(checkpoint):
+    """Every rank of a resumed run read the checkpoint rank 0 read: rank 0's is the one, and a rank that read another
+    stops the run on every rank, in one line. Each rank reads the record itself, before the process group exists,
+    but only once rank 0 holds out_dir (wait_for_rank0), so they agree; ranks started without a launcher's id do
+    not wait, and a run that was still writing out_dir could make them differ."""
+    mine = (checkpoint.path, checkpoint.training["step"])
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    other = next((rank for rank, seen in enumerate(ranks) if seen != ranks[0]), None)
+    if other is not None:
+        raise UserError(f"init_from=resume: rank 0 read {ranks[0][0]} (step {ranks[0][1]}), rank {other} read "
+                        f"{ranks[other][0]} (step {ranks[other][1]}): out_dir changed while the ranks started (a "
+                        "run still writing it?); start again once it has ended")
 
 
 def load_checkpoint(out_dir):
@@ -198,7 +235,8 @@ def load_shards(path, model, optimizer):
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -226,10 +264,142 @@ def check_out_dir(out_dir):
         raise UserError(f"out_dir={out_dir!r}: not writable")
 
 
+def check_apart(out_dir, inputs):
+    """A run's inputs are never its outputs: out_dir may not be, lie inside or contain a directory it reads (the
+    initial model, the data; `inputs` maps their keys to paths, and only local directories count: a hub id is
+    not one). The initial model's config.json would be the run's, its files moved by override=True."""
+    out = os.path.realpath(out_dir)
+    for key, path in inputs.items():
+        if not (path and os.path.isdir(path)):
+            continue
+        other = os.path.realpath(path)
+        if os.path.commonpath([out, other]) in (out, other):
+            how = "is" if out == other else "lies inside" if os.path.commonpath([out, other]) == other else "contains"
+            raise UserError(f"out_dir={out_dir!r} {how} {key}={path!r}: a run writes its files there (config.json, "
+                            "the checkpoint, hf/); choose an out_dir of its own")
+
+
+_held = {}  # out_dir's real path -> the open lock file: the lock lasts while it is open
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir: an exclusive flock on out_dir/.lock, held until release_out_dirs (or the process's end:
+    the kernel drops it, so a kill -9 leaves no stale lock). A directory held by another process is refused at once,
+    naming it (pid and host, written into the lock file). A file system without flock: said, and the run goes on."""
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        return
+    path = os.path.join(out_dir, LOCK)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().split(";")[0].strip()
+        f.close()
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(f"out_dir={out_dir!r} is in use by {holder or 'another process'} (its {LOCK}): one run "
+                            "per directory; wait for that run to end or stop it, or choose another out_dir") from None
+        print(f"warning: {path}: cannot lock it ({e.strerror}): nothing stops a second run into {out_dir}")
+    _held[key] = f
+    say_holder(f)
+
+
+def say_holder(f, ready=False):
+    """The lock file's text: who holds it, and once ready (rank 0 has settled out_dir) the launch it belongs to."""
+    if f.closed:
+        return
+    f.seek(0)
+    f.truncate()
+    job = launch_id()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f"; ready for {job}" if ready and job else "") + "\n")
+    f.flush()
+
+
+def launch_id():
+    """What names this launch on each of its ranks: torchrun's run id and restart, or Slurm's job, step and
+    restart; None when started otherwise."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        return (f"torchrun {env['TORCHELASTIC_RUN_ID']}.{env.get('TORCHELASTIC_RESTART_COUNT', 0)} "
+                f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}")
+    if "SLURM_JOB_ID" in env:
+        return f"slurm {env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID')}.{env.get('SLURM_RESTART_COUNT', 0)}"
+    return None
+
+
+def out_dir_ready(out_dir):
+    """Rank 0 has settled out_dir (locked it, brought back a set-aside run): its lock file says so, for the other
+    ranks (wait_for_rank0)."""
+    f = _held.get(os.path.realpath(out_dir))
+    if f is not None:
+        say_holder(f, ready=True)
+
+
+def wait_for_rank0(out_dir, timeout_s):
+    """A rank other than 0 reads out_dir only once rank 0 holds it and has settled it: its lock file names this
+    launch. The wait is in Python, so the launcher's SIGTERM ends it at once when rank 0 fails (a directory another
+    run holds). Without a launch id (started by hand), no wait."""
+    job = launch_id()
+    if job is None:
+        return
+    path, deadline = os.path.join(out_dir, LOCK), time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with open(path) as f:
+                if f"; ready for {job}" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise UserError(f"{path}: rank 0 did not take out_dir within {timeout_s} s (ddp_timeout_s)")
+
+
+def release_out_dirs():
+    """The locks this process holds (lock_out_dir), released: the run ended."""
+    while _held:
+        f = _held.popitem()[1]
+        if not f.closed:
+            f.seek(0)
+            f.truncate()
+            f.close()
+
+
+def replaced_runs(out_dir):
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith(REPLACED))
+
+
+def restore_replaced_run(out_dir):
+    """A run that override=True set aside is deleted at the new run's first checkpoint; found at a start, the new
+    run stopped before that. If out_dir has a checkpoint, the new run wrote it and was stopped before deleting the
+    old run: it goes now. Otherwise the old run comes back into its place (what the stopped run logged before its
+    first checkpoint, which nothing can resume, goes), and the message names the folder it came from. Called by
+    rank 0 under the out_dir lock, before anything reads the run."""
+    aside = replaced_runs(out_dir)
+    if not aside:
+        return
+    if has_checkpoint(out_dir):
+        drop_replaced_runs(out_dir)
+        return
+    if len(aside) > 1:
+        raise UserError(f"out_dir={out_dir!r} holds {len(aside)} runs that override=True set aside and no "
+                        f"checkpoint: {', '.join(aside)}; move back into out_dir the files of the one to keep and "
+                        "delete the others")
+    for f in run_files(out_dir) + [f for f in RUN_RECORDS if os.path.exists(os.path.join(out_dir, f))]:
+        path = os.path.join(out_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for f in os.listdir(aside[0]):
+        os.replace(os.path.join(aside[0], f), os.path.join(out_dir, f))
+    os.rmdir(aside[0])
+    print(f"restored the run in {out_dir} from {aside[0]}: the override=True run that set it aside stopped before "
+          "its first checkpoint")
+
+
 def claim_out_dir(out_dir, override, master):
     """A fresh run never overwrites a run by accident: without override it stops here if out_dir holds one; with
-    it, rank 0 moves the old run's files (its record with them) aside into out_dir/.replaced-run-*, deleted only
-    once the new run has its first checkpoint."""
+    it, rank 0 moves the old run's files (its record and config.json with them) aside into out_dir/.replaced-run-*,
+    deleted only once the new run has its first checkpoint (until then, the next start brings them back:
+    restore_replaced_run)."""
     found = run_files(out_dir)
     if not found:
         return
@@ -239,16 +409,16 @@ def claim_out_dir(out_dir, override, master):
     if not master:
         return
     aside = tempfile.mkdtemp(dir=out_dir, prefix=REPLACED)
-    for f in found + ([RECORD] if os.path.isfile(os.path.join(out_dir, RECORD)) else []):
+    for f in found + [f for f in RUN_RECORDS if os.path.exists(os.path.join(out_dir, f))]:
         os.replace(os.path.join(out_dir, f), os.path.join(aside, f))
-    print(f"override=True: the run in {out_dir} moved to {aside} until this run's first checkpoint")
+    print(f"override=True: the run in {out_dir} moved to {aside} until this run's first checkpoint (a start before "
+          "then brings it back)")
 
 
 def drop_replaced_runs(out_dir):
     """The run that override=True replaced, now that the new one has a checkpoint."""
-    for f in os.listdir(out_dir):
-        if f.startswith(REPLACED):
-            shutil.rmtree(os.path.join(out_dir, f), ignore_errors=True)
+    for path in replaced_runs(out_dir):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_temp_files(out_dir):

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (UserError, atomic_dir, check_device, load_tokenizer, read_json, read_special_tokens,
-                    resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+                    resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_errors,
+                    write_json)
 from model import CausalLM, read_weights, weight_files
 
 WEIGHTINGS = ("dense", "topk", "sparsemax")
@@ -842,13 +843,25 @@ def no_shared_tokens(source, helper, opts):
 # the whole transfer: source + helper -> target directory
 
 
-def check_target(path, override):
-    """Refuse a non-empty target without override (before any work), and a file in its place."""
+def check_target(path, override, inputs):
+    """Refuse a non-empty target without override (before any work), a file in its place, and a target that is,
+    contains or lies inside an input's folder (`inputs`: flag -> path; a tokenizer file counts by its folder, a hub
+    id not at all), with or without override: writing the target replaces its folder whole."""
     if os.path.isfile(path):
         raise UserError(f"{path}: the target exists and is a file")
     here, target = os.path.realpath(os.getcwd()), os.path.realpath(path)
     if os.path.commonpath([here, target]) == target:
         raise UserError(f"{path}: the target is the current directory or contains it; name a directory of its own")
+    for flag, given in inputs.items():
+        folder = os.path.dirname(os.path.abspath(given)) if given and os.path.isfile(given) else given
+        if not (folder and os.path.isdir(folder)):
+            continue
+        other = os.path.realpath(folder)
+        common = os.path.commonpath([target, other])
+        if common in (target, other):
+            how = "is" if target == other else "contains" if common == target else "lies inside"
+            raise UserError(f"--target_model_path {path} {how} the folder of --{flag} {given}: the target is "
+                            "replaced whole; name a directory of its own")
     if os.path.isdir(path) and os.listdir(path) and not override:
         raise UserError(f"{path}: the target directory is not empty (pass --override to replace it)")
 
@@ -913,7 +926,7 @@ def write_target(path, source, helper, rows, report, started):
                                          eos_token_id=ids["eos_token"])
     # a declared special token the tokenizer lacks stays out: transformers would add it as an id past the rows
     special = {role: token for role, token in helper.special_tokens.items() if token in helper.vocab}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, write_errors(path, tmp):
         model.save_pretrained(tmp)
         if ids["pad_token"] is not None:
             config = read_json(os.path.join(tmp, "config.json"))
@@ -931,9 +944,17 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
     clp_report.json."""
     started = time.time()
     opts = TransferOptions(source_model_name_or_path, helper_model_name_or_path, target_model_path, **options)
+    inputs = {"source_model_name_or_path": opts.source_model_name_or_path,
+              "helper_model_name_or_path": opts.helper_model_name_or_path,
+              "target_tokenizer" if opts.target_tokenizer else "helper_tokenizer_name_or_path":
+                  opts.tokenizer_name_or_path}
     if opts.target_model_path:
-        check_target(opts.target_model_path, opts.override)
+        check_target(opts.target_model_path, opts.override, inputs)
     source, helper = read_source(opts), read_helper(opts)
+    if opts.target_model_path:  # hub ids, now resolved to their local copies
+        check_target(opts.target_model_path, opts.override, {
+            "source_model_name_or_path": source.directory, "helper_model_name_or_path": helper.directory,
+            "target_tokenizer" if opts.target_tokenizer else "helper_tokenizer_name_or_path": helper.tokenizer_path})
     match = match_tokens(source, helper, opts)
     rows, entries = initialise(source, helper, match, opts)
     report = build_report(opts, source, helper, match, entries)

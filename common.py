@@ -4,6 +4,7 @@ writes, strict JSON, hashing, hub resolution, tokenizer files, and the small par
 vocabulary rounding) that would otherwise be written once per file with small differences.
 """
 
+import errno
 import glob
 import hashlib
 import json
@@ -78,6 +79,32 @@ def atomic_dir(path):
         shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+@contextmanager
+def write_errors(path, tmp, then=None):
+    """A write into `tmp` (atomic_dir's temporary directory for `path`) that fails, a full disk above all, as one
+    line naming the file and saying that `path` is as it was (atomic_dir removes `tmp`), and `then` (what else is
+    kept, what to do). Such a failure is an OSError naming a file under `tmp`, or naming none with a write's errno,
+    or safetensors' SafetensorError (not an OSError); anything else (a source that cannot be read) passes through."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as e:
+        inside = e.filename and os.path.abspath(str(e.filename)).startswith(os.path.abspath(tmp) + os.sep)
+        if not (inside or (e.filename is None and e.errno in WRITE_ERRNOS)):
+            raise
+        name = os.path.relpath(str(e.filename), tmp) if inside else ""
+        file = os.path.join(path, name) if name and not name.startswith(".tmp-") else path  # not atomic_path's temp
+        raise UserError(f"{file}: cannot write it ({e.strerror or e}); {path} is as it was" +
+                        (f"; {then}" if then else "")) from None
+    except SafetensorError as e:
+        raise UserError(f"{os.path.join(path, 'model.safetensors')}: cannot write it ({str(e).splitlines()[0]}); "
+                        f"{path} is as it was" + (f"; {then}" if then else "")) from None
 
 
 def write_json(path, obj):

@@ -57,7 +57,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from common import (UserError, atomic_dir, atomic_path, load_tokenizer, read_json, read_special_tokens,
-                    resolve_model_dir, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_json)
+                    resolve_model_dir, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_errors,
+                    write_json)
 
 # -----------------------------------------------------------------------------
 # readers: each yields documents (strings) in source order
@@ -604,7 +605,10 @@ def write_tokens(items, tok, framing, dtype, out_dir, batch_bytes=MiB, progress=
                 if at_start:
                     ids.append(eos_id)
                     ends += 1
-            np.array(ids, dtype=dtype).tofile(files[split])
+            try:
+                np.array(ids, dtype=dtype).tofile(files[split])
+            except OSError as e:  # numpy's short write (a full disk) carries no errno or file name
+                raise OSError(e.errno, e.strerror or str(e), files[split].name) from None
             c = counts[split]
             c["documents"], c["bytes"], c["tokens"] = c["documents"] + ends, c["bytes"] + size, c["tokens"] + len(ids)
             tokens += len(ids)
@@ -695,7 +699,7 @@ def prepare(sources, output_dir, tokenizer=None, **options):
         for doc in documents(val_opened, opts.text_field, opts.txt_documents, stats):
             yield "val", doc, len(doc.encode("utf-8"))
 
-    with atomic_dir(output_dir) as tmp:  # --override: the old directory goes only once the new one is complete
+    with atomic_dir(output_dir) as tmp, write_errors(output_dir, tmp):  # --override: the old one goes at the end
         if opts.train_tokenizer:
             train_docs = (doc for _, doc, _ in itertools.takewhile(lambda item: item[0] == "train", items()))
             tok_path = train_tokenizer_on(train_docs, opts.vocab_size, tmp, opts.progress)

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from checkpoint import (FULL, SHARDED, broadcast_object, check_out_dir, claim_out_dir, has_checkpoint,
-                        load_checkpoint, load_shards, remove_temp_files, save_checkpoint)
+from checkpoint import (FULL, SHARDED, broadcast_object, check_apart, check_out_dir, check_ranks_agree, claim_out_dir,
+                        has_checkpoint, load_checkpoint, load_shards, lock_out_dir, out_dir_ready, release_out_dirs,
+                        remove_temp_files, restore_replaced_run, save_checkpoint, wait_for_rank0)
 from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_safe, load_tokenizer, read_json,
                     resolve_model_dir, round_up, run_cli, save_tokenizer, tokenizer_file, torch_dtype,
-                    write_json)
+                    write_errors, write_json)
 from configurator import option
 from data import Blocks, check_data_fingerprint, check_tokenizer, data_fingerprint, load_meta
 from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
@@ -56,7 +57,8 @@ class TrainConfig:
     eval_interval: int = option(300, "optimizer steps between evaluations and checkpoints")
     eval_iters: int = option(50, "validation batches per periodic evaluation (the full set is evaluated at the end)")
     eval_at_start: bool = option(True)
-    eval_only: bool = option(False)
+    eval_only: bool = option(False, "evaluate the whole validation set into out_dir/eval_only.json and stop; the run "
+                                    "in out_dir (with init_from=resume: the one evaluated) stays as it is")
     export_hf: bool = option(True, "write out_dir/hf (config, safetensors, tokenizer) at the end")
     override: bool = option(False, "a fresh run replaces a run in out_dir (kept aside until the new one's first "
                                    "checkpoint)")
@@ -146,18 +148,31 @@ def parse_config(argv, defaults=None):
 
 def load_config(argv, defaults):
     """The run's TrainConfig and, for init_from='resume', the checkpoint it continues from (else None). A resumed
-    run keeps its saved settings; only what the command line gives again (argv) overrides them."""
+    run keeps its saved settings; only what the command line gives again (argv) overrides them. Rank 0 holds
+    out_dir's lock from here to the run's end (one run per directory) and brings back a run that an override
+    stopped before its first checkpoint had set aside."""
     cfg = parse_config(argv, defaults)
+    if cfg.init_from != "resume":
+        check_apart(cfg.out_dir, {"init_from": cfg.init_from if cfg.init_from != "scratch" else None,
+                                  "data_dir": cfg.data_dir})
     check_out_dir(cfg.out_dir)
+    master = os.environ.get("RANK", "0") == "0"
+    if master:
+        lock_out_dir(cfg.out_dir)
+        restore_replaced_run(cfg.out_dir)
+        out_dir_ready(cfg.out_dir)
+    else:  # the other ranks read out_dir after rank 0 has settled it
+        wait_for_rank0(cfg.out_dir, cfg.ddp_timeout_s)
     checkpoint = None
     if cfg.init_from == "resume":
         checkpoint = load_checkpoint(cfg.out_dir)
         saved = TrainConfig(**checkpoint.training["config"])
         cfg = parse_config(argv, {**asdict(saved), "init_from": "resume"})
         check_resume_config(saved, cfg)
+        check_apart(cfg.out_dir, {"data_dir": cfg.data_dir})
     check_config(cfg)
-    if cfg.init_from != "resume":
-        claim_out_dir(cfg.out_dir, cfg.override, master=os.environ.get("RANK", "0") == "0")
+    if cfg.init_from != "resume" and not cfg.eval_only:  # eval_only writes eval_only.json alone: no run to replace
+        claim_out_dir(cfg.out_dir, cfg.override, master)
     return cfg, checkpoint
 
 
@@ -495,6 +510,8 @@ def start_run(argv, defaults, stop):
     optimizer, out_dir and the metrics log. None when a resumed run is complete already (said on stdout)."""
     cfg, checkpoint = load_config(argv, defaults)
     rt = setup_processes(cfg)
+    if checkpoint and rt.distributed:
+        check_ranks_agree(checkpoint)
     state = TrainState.from_checkpoint(checkpoint) if checkpoint else TrainState()
     meta = load_meta(cfg.data_dir)
     train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rt.rank,
@@ -527,7 +544,7 @@ def start_run(argv, defaults, stop):
     set_trainable(model, phase, cfg)
     if rt.master:
         start_out_dir(cfg, rt, model, model_source, phases, train_data.n_blocks)
-    metrics = MetricsLog(cfg, rt.master, resume_step=state.step if checkpoint else None)
+    metrics = MetricsLog(cfg, rt.master and not cfg.eval_only, resume_step=state.step if checkpoint else None)
     return Run(cfg=cfg, rt=rt, model=model, wrapped=wrap(model, cfg, rt), optimizer=optimizer, scaler=scaler,
                state=state, phases=phases, planned_for=planned_for, phase=phase, train_data=train_data,
                val_data=val_data, data_record=data_record, metrics=metrics, tokenizer_dir=tokenizer_dir, stop=stop)
@@ -549,6 +566,9 @@ def setup_processes(cfg):
                                 device_id=torch.device(device) if device_type == "cuda" else None)
         rank, world_size = dist.get_rank(), dist.get_world_size()
     check_accumulation(cfg, world_size, rank == 0)
+    if cfg.parallelism == "fsdp" and not distributed:
+        print("parallelism='fsdp' in one process (not under torchrun): the model runs unsharded, as parallelism "
+              "'ddp' would; checkpoints are sharded (ckpt/step-N) all the same")
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -712,9 +732,11 @@ def restore_training(checkpoint, model, optimizer, scaler, phases, cfg, rt):
 
 
 def start_out_dir(cfg, rt, model, model_source, phases, n_blocks):
-    """out_dir without the temp files of a write that was killed, its config.json, and the plan on stdout."""
-    remove_temp_files(cfg.out_dir)
-    write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+    """out_dir without the temp files of a write that was killed, its config.json, and the plan on stdout. eval_only
+    leaves the run's files as they are."""
+    if not cfg.eval_only:
+        remove_temp_files(cfg.out_dir)
+        write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
     print(f"{model_source}: {model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
           f"{rt.world_size} process(es) on {rt.device}, {rt.dtype}; {n_blocks} train blocks of {cfg.block_size}")
     for p in phases:
@@ -732,17 +754,32 @@ def train(argv, defaults, stop):
     if run is None:
         return
     cfg, state = run.cfg, run.state
-    if cfg.eval_only or (cfg.eval_at_start and cfg.init_from != "resume"):
-        val = run.validation_loss(run.val_data.n_blocks if cfg.eval_only else run.eval_blocks)
-        run.metrics.log({"step": state.step, "phase": run.phase.name, "tokens": state.tokens, "val_loss": val,
-                         "val_ppl": exp(val)})
-        if run.rt.master:
-            print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
+    with run.metrics:  # closed however the run ends
         if cfg.eval_only:
-            leave_process_group(run.rt, run.wrapped)
+            evaluate_only(run)
             return
-    train_loop(run)
-    finish(run)
+        if cfg.eval_at_start and cfg.init_from != "resume":
+            val = run.validation_loss(run.eval_blocks)
+            run.metrics.log({"step": state.step, "phase": run.phase.name, "tokens": state.tokens, "val_loss": val,
+                             "val_ppl": exp(val)})
+            if run.rt.master:
+                print(f"step {state.step}: val loss {val:.4f}, ppl {exp(val):.6g}")
+        train_loop(run)
+        finish(run)
+
+
+def evaluate_only(run):
+    """eval_only: the whole validation set, into out_dir/eval_only.json; the run's own files (config.json,
+    metrics.jsonl, the checkpoint, hf/) stay as they are."""
+    cfg, state = run.cfg, run.state
+    val = run.validation_loss(run.val_data.n_blocks)
+    if run.rt.master:
+        path = os.path.join(cfg.out_dir, "eval_only.json")
+        write_json(path, {"init_from": cfg.init_from, "step": state.step, "tokens": state.tokens,
+                          "data_dir": cfg.data_dir, "val_blocks": run.val_data.n_blocks, "block_size": cfg.block_size,
+                          "val_full_loss": val, "val_full_ppl": exp(val)})
+        print(f"step {state.step}: whole validation set loss {val:.4f}, ppl {exp(val):.6g} ({path})")
+    leave_process_group(run.rt, run.wrapped)
 
 
 def train_loop(run):
@@ -934,7 +971,7 @@ def finish(run):
         assert identical is not False, "DDP ranks ended with different weights"
         if cfg.export_hf:
             hf_dir = os.path.join(cfg.out_dir, "hf")
-            export_hf(export_model, run.tokenizer_dir, hf_dir)
+            export_hf(export_model, run.tokenizer_dir, hf_dir, run.checkpoint_path)
             print(f"exported {hf_dir}")
         for s in state.phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
             timed, seconds = s["steps"] - s["first_steps"], s["seconds"] - s["first_steps_seconds"]
@@ -942,7 +979,7 @@ def finish(run):
         summary = {"steps": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
                    "final_val_loss": state.val_loss, "final_val_full_loss": full, "phases": state.phase_stats,
                    "world_size": rt.world_size, "ddp_ranks_identical": identical,
-                   "parallelism": cfg.parallelism if rt.distributed else None, **memory,
+                   "parallelism": cfg.parallelism if rt.distributed else "none", "sharded": rt.fsdp, **memory,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     leave_process_group(rt, run.wrapped)
@@ -1244,10 +1281,12 @@ def check_export_tokenizer(path, where):
             from None
 
 
-def export_hf(raw_model, tokenizer_dir, hf_dir):
+def export_hf(raw_model, tokenizer_dir, hf_dir, checkpoint_path):
     """out_dir/hf (config, safetensors, tokenizer files) built under a temp name and renamed when complete, so it is
-    never a model without its tokenizer; a previous export goes only then."""
-    with atomic_dir(hf_dir) as tmp:
+    never a model without its tokenizer; a previous export goes only then. A write that fails (a full disk) is one
+    line; the run's checkpoint is whole, and a resume exports again."""
+    kept = f"the checkpoint {checkpoint_path} is kept: free space, then --init_from=resume exports it"
+    with atomic_dir(hf_dir) as tmp, write_errors(hf_dir, tmp, kept):
         raw_model.save_pretrained(tmp)
         if tokenizer_dir:
             save_tokenizer(tokenizer_dir, tmp)
@@ -1289,6 +1328,14 @@ class MetricsLog:
             self.file.flush()
             if self.wandb:
                 self.wandb.log(record, step=record["step"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+            self.file = None
 
 
 # -----------------------------------------------------------------------------
@@ -1345,6 +1392,7 @@ def main(argv=None, defaults=None):
                 raise UserError(f"{e.filename}: {e.strerror}" if e.filename else f"I/O error: {e.strerror}") from None
             finally:
                 close_progress_bars()
+                release_out_dirs()
     except Stop as e:
         print(f"stopped by {signal.Signals(e.args[0]).name} outside a training step (or a second time): exiting now; "
               "a checkpoint already written is complete", file=sys.stderr)

@@ -349,7 +349,7 @@ def test_clear_errors(corpus, tmp_path, eltec_tokenizers):
     with pytest.raises(UserError, match="max_iters='ten' is a str, expected an int"):
         train.main(args(corpus, tmp_path, "--max_iters=ten"))
     # a model whose tokenizer is not the one the data was made with
-    other = tmp_path / "english-model"
+    other = tmp_path.parent / f"{tmp_path.name}-english-model"
     GPTNeoX(GPTNeoXConfig(vocab_size=1024, n_layer=1, n_head=2, n_embd=32, intermediate_size=64)).save_pretrained(other)
     save_tokenizer(str(eltec_tokenizers["eng"]), str(other))
     with pytest.raises(UserError, match="different tokenizer"):
@@ -394,7 +394,7 @@ def test_fresh_run_into_a_finished_run_refuses_and_override_replaces_it(corpus, 
     assert "moved to" in capsys.readouterr().out
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 2]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # the old run went with the first checkpoint
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".replaced-run-")]  # gone at the first checkpoint
 
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="out_dir=.*a-file' is a file, expected a directory"):
