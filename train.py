@@ -112,7 +112,8 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N", group="system")
     dtype: str = option("auto", "auto: bfloat16 on a GPU that has it, else float32",
                         choices=("auto", "bfloat16", "float16", "float32"))
-    compile: bool = option(False)
+    compile: str = option("auto", "torch.compile the model; auto: on a GPU, not on a CPU (where it gains nothing)",
+                          choices=("auto", True, False))
     parallelism: str = option("ddp", "with several processes: ddp replicates the model, fsdp shards parameters, "
                                      "gradients and Adam state (FSDP2)", choices=("ddp", "fsdp"))
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, "
@@ -124,11 +125,16 @@ class TrainConfig:
     max_nonfinite_steps: int = option(0, "optimizer steps with a non-finite loss to skip before stopping")
 
 
-# dense tensor-core peaks per card: (bf16 and fp16, TF32). float32 runs use the TF32 figure (the trainer turns TF32 on;
-# on these cards it is half the bf16 rate). The first matching name counts: H200 before H100, A100 before A10.
-PEAK_FLOPS = {"H200": (989e12, 494.7e12), "H100": (989e12, 494.7e12), "A100": (312e12, 156e12),
-              "L40S": (362e12, 183e12), "L4": (121e12, 60e12), "A10": (125e12, 62.5e12), "4090": (165e12, 82.6e12),
-              "3090": (71e12, 35.6e12)}
+# dense tensor-core peaks per card and form factor: (bf16 and fp16 with fp32 accumulation, TF32), from NVIDIA's data
+# sheets (their "with sparsity" figures halved). float32 runs use the TF32 figure (the trainer turns TF32 on). A card
+# whose data sheet gives one form factor has the key ''.
+PEAK_FLOPS = {("H200", "SXM"): (989e12, 494.7e12), ("H200", "NVL"): (835e12, 417.5e12),
+              ("GH200", "SXM"): (989e12, 494.7e12), ("H100", "SXM"): (989e12, 494.7e12),
+              ("H100", "PCIe"): (756e12, 378e12), ("H100", "NVL"): (835e12, 417.5e12),
+              ("A100", "SXM"): (312e12, 156e12), ("A100", "PCIe"): (312e12, 156e12),
+              ("L40S", ""): (362e12, 183e12), ("L40", ""): (181e12, 90.5e12), ("L4", ""): (121e12, 60e12),
+              ("A10G", ""): (70e12, 35e12), ("A10", ""): (125e12, 62.5e12),
+              ("4090", ""): (165e12, 82.6e12), ("3090", ""): (71e12, 35.6e12)}
 
 # keys a resumed run may change: its length, evaluation, logging and where and how fast it runs. Every other key
 # gives the saved state (data position, phases, optimizer, schedule) its meaning.
@@ -348,6 +354,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     peak_flops: float = 0.0  # the device's dense peak at dtype, for MFU (0: unknown)
+    compile: bool = False  # compile='auto' resolved
 
     @property
     def master(self):
@@ -413,7 +420,8 @@ class Run:
         """The run after the step just taken, and the record naming it (checkpoint.save_checkpoint); every rank
         calls it."""
         rt = self.rt
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(rt.device) if rt.device_type == "cuda" else None}
         training = {"scaler": self.scaler.state_dict(), "model_config": asdict(self.model.config),
                     "tokenizer_dir": self.tokenizer_dir, "config": asdict(self.cfg), "phase": self.phase.name,
                     **asdict(self.state), "rng": rng}
@@ -496,7 +504,8 @@ def setup_processes(cfg):
     torch.manual_seed(cfg.seed + rank)
     return Runtime(device=device, dtype=dtype, distributed=distributed,
                    fsdp=distributed and cfg.parallelism == "fsdp", rank=rank, local_rank=local_rank,
-                   world_size=world_size, peak_flops=peak)
+                   world_size=world_size, peak_flops=peak,
+                   compile=device_type == "cuda" if cfg.compile == "auto" else cfg.compile)
 
 
 def check_accumulation(cfg, world_size, master):
@@ -632,11 +641,12 @@ def restore_training(checkpoint, model, optimizer, scaler, phases, cfg, rt):
         raise UserError(f"{checkpoint.path} was written by a DDP run: resume it with parallelism=ddp")
     else:
         optimizer.load_state_dict(checkpoint.optimizer)
-    scaler.load_state_dict(training["scaler"])
+    if training["scaler"]:  # a bf16 or fp32 run saves an empty state: a float16 resume starts its scale afresh
+        scaler.load_state_dict(training["scaler"])
     if rt.master:  # the other ranks keep their seed + rank streams (nothing in training draws from them)
         torch.set_rng_state(training["rng"]["torch"])
         if rt.device_type == "cuda" and training["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(training["rng"]["cuda"])
+            torch.cuda.set_rng_state(training["rng"]["cuda"], rt.device)
 
 
 def start_out_dir(cfg, rt, model, model_source, phases, n_blocks):
@@ -952,7 +962,7 @@ def wrap(raw_model, cfg, rt):
     switch: dynamo may reuse a graph traced with other requires_grad flags (pytorch#139476) and DDP registers only
     the parameters that required grad when it was built, so both are rebuilt from scratch."""
     model = raw_model
-    if cfg.compile:
+    if rt.compile:
         torch._dynamo.reset()
         model = torch.compile(raw_model)
     if rt.distributed and not rt.fsdp:  # an FSDP model is sharded already (build_model)
@@ -1157,9 +1167,21 @@ def leave_process_group(rt, model=None):
         dist.destroy_process_group()
 
 
+def card(device_name):
+    """(card, form factor) of a CUDA device name, the PEAK_FLOPS key: 'NVIDIA H100 PCIe' -> ('H100', 'PCIe'), 'NVIDIA
+    H100 80GB HBM3' -> ('H100', 'SXM'), 'NVIDIA L4' -> ('L4', ''). Whole words compare, so L4 is not L40 nor A10
+    A10G; a data-centre card that names no form factor is the SXM one. None for a card the table does not list."""
+    words = re.split(r"[\s_-]+", device_name.upper())
+    name = next((w for w in words if (w, "") in PEAK_FLOPS or (w, "SXM") in PEAK_FLOPS), None)
+    if name is None:
+        return None
+    form = "NVL" if "NVL" in words else "PCIe" if "PCIE" in words else "SXM"
+    return (name, form) if (name, form) in PEAK_FLOPS else (name, "") if (name, "") in PEAK_FLOPS else None
+
+
 def peak_flops(device_name, dtype):
     """The card's dense peak for the run's dtype (PEAK_FLOPS); 0.0 for a card not listed (no MFU then)."""
-    bf16, tf32 = next((v for k, v in PEAK_FLOPS.items() if k in device_name), (0.0, 0.0))
+    bf16, tf32 = PEAK_FLOPS.get(card(device_name), (0.0, 0.0))
     return tf32 if dtype == "float32" else bf16
 
 

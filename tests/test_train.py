@@ -229,6 +229,40 @@ def test_peak_flops_for_the_runs_dtype():
     assert train.peak_flops("NVIDIA A10", "float16") == 125e12 and train.peak_flops("Some CPU", "float32") == 0.0
 
 
+def test_peak_flops_card_names_as_cuda_reports_them():
+    """torch.cuda.get_device_name's names, each its own card and form factor: a PCIe or NVL card is not the SXM one,
+    and no name is read as another it contains (L4 in L40, A10 in A10G)."""
+    bf16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+            "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-40GB": 312e12,
+            "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+            "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10G": 70e12,
+            "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3090": 71e12,
+            "NVIDIA RTX A6000": 0.0, "NVIDIA L20": 0.0, "NVIDIA H20": 0.0}
+    assert {name: train.peak_flops(name, "bfloat16") for name in bf16} == bf16
+    assert train.card("NVIDIA H100 PCIe") == ("H100", "PCIe") and train.card("NVIDIA L40") == ("L40", "")
+    assert train.peak_flops("NVIDIA H100 NVL", "float32") == 417.5e12
+
+
+def test_compile_follows_the_device_unless_given(corpus, tmp_path):
+    """compile='auto' (the default) compiles on a GPU only; an explicit value wins; anything else is refused."""
+    assert train.parse_config([]).compile == "auto"
+    assert not train.setup_processes(train.parse_config(["--device=cpu"])).compile
+    assert train.setup_processes(train.parse_config(["--device=cpu", "--compile=True"])).compile is True
+    with pytest.raises(UserError, match="compile='yes', expected one of auto, True, False"):
+        train.parse_config(["--compile=yes"])
+
+
+def test_float16_resume_of_a_float32_run(corpus, tmp_path):
+    """dtype may change on resume: a float32 run saved an empty GradScaler state, from which a float16 resume starts
+    its scale afresh (and trains: its steps are finite)."""
+    run_args = args(corpus, tmp_path, "--max_iters=2", "--eval_interval=2", "--export_hf=False")
+    train.main(run_args)
+    train.main([*run_args, "--init_from=resume", "--max_iters=4", "--dtype=float16"])
+    steps = [m for m in metrics(tmp_path) if "lr" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in steps)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["scaler"]["scale"] > 0
+
+
 def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
     """DDP on CPU (gloo) through train_variable_bs.py, whose embedding phase accumulates 1 micro-batch, fewer than
     the processes: each runs one (a step of 2 x 1 sequences). Ranks stay identical through the switch, and the run
