@@ -440,7 +440,7 @@ def test_help_lists_every_key_with_its_default_and_comment():
             line = next((line for line in r.stdout.splitlines() if line.startswith(f"  --{f.name}=")), None)
             assert line is not None, f.name
             for said in (f.metadata["help"], *(f.metadata["choices"] or ())):
-                assert said in line, (f.name, said)
+                assert str(said) in line, (f.name, said)
         if defaults:
             assert "  --block_size=512" in r.stdout and "# sequences per micro-batch per process" in r.stdout
             assert "\n# system\n" in r.stdout
