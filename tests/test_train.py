@@ -463,3 +463,51 @@ def test_print_needs_names_the_model_and_data_the_run_reads():
     assert r.stdout.splitlines() == ["init_from=out/pythia-410m-clp-german", "data_dir=/elsewhere"]
     r = run_py(["train.py", "--print_needs", "--data_dri=x"])
     assert r.returncode == 1 and r.stderr.startswith("error: --data_dri=x: unknown config key"), r.stderr
+
+
+def test_a_steps_loss_is_read_once_the_next_step_is_queued(corpus, tmp_path, monkeypatch):
+    """The host never waits for a step before queueing the next: step N's loss is read (end_step) after step N+1's
+    train_step, except where the loop needs it at once (an evaluation and checkpoint, the phase switch, the end)."""
+    order, train_step, end_step = [], train.train_step, train.end_step
+
+    def queue(*a, **kw):
+        order.append("queue")
+        return train_step(*a, **kw)
+
+    def end(run, queued, bar):
+        order.append(f"end {queued.step}")
+        return end_step(run, queued, bar)
+
+    monkeypatch.setattr(train, "train_step", queue)
+    monkeypatch.setattr(train, "end_step", end)
+    train.main(args(corpus, tmp_path, "--max_iters=7", "--eval_interval=3", "--embedding_tuning_frac=0.3"))
+    # embedding phase: steps 1..3 (3: the switch, an evaluation); full phase: 4..7 (6: an evaluation; 7: the end)
+    assert order == ["queue", "queue", "end 1", "queue", "end 2", "end 3", "queue", "queue", "end 4", "queue",
+                     "end 5", "end 6", "queue", "end 7"]
+    assert [m["step"] for m in metrics(tmp_path) if "lr" in m] == list(range(1, 8))
+
+
+def test_a_nonfinite_step_changes_nothing_and_is_not_waited_for():
+    """train_step with a non-finite loss: weights and AdamW state (moments, step counts) stay as they were, decided
+    on the device (the fused kernel's found_inf), and the loss comes back as a tensor, unread."""
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=8))
+    cfg = train.TrainConfig()
+    optimizer = train.configure_optimizer(model, cfg, "cpu")
+    scaler, rt = torch.amp.GradScaler("cpu", enabled=False), train.Runtime()
+    x = torch.randint(0, 64, (2, 9))
+    batch = [(x[:, :-1], x[:, 1:])]
+    assert torch.isfinite(train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    forward = model.forward
+    model.forward = lambda idx, targets=None: (None, forward(idx, targets)[1] * float("nan"))
+    loss = train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt)
+    assert torch.is_tensor(loss) and torch.isnan(loss)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in optimizer.state[p].items()), n
+    model.forward = forward
+    train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt)
+    assert not torch.equal(model.embed_out.weight, weights["embed_out.weight"])
+    assert all(s["step"] == 2 for s in optimizer.state.values())
