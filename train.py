@@ -891,6 +891,7 @@ def record_step(run, queued, loss):
                                                           "first_steps": 0, "first_steps_seconds": 0.0})
     stats["steps"] += 1
     stats["tokens"] += phase.tokens_per_step
+    stats["flops_per_token"] = run.model.flops_per_token(run.cfg.block_size)  # the phase's: frozen weights count less
     stats["seconds"] += dt
     if queued.first:  # reported apart, and left out of the phase's tokens/s
         stats["first_steps"] += 1
@@ -944,6 +945,8 @@ def finish(run):
         for s in state.phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
             timed, seconds = s["steps"] - s["first_steps"], s["seconds"] - s["first_steps_seconds"]
             s["tokens_per_s"] = s["tokens"] / s["steps"] * timed / seconds if timed and seconds > 0 else None
+            s["mfu"] = s["tokens_per_s"] * s["flops_per_token"] / rt.world_size / rt.peak_flops \
+                if s["tokens_per_s"] and rt.peak_flops and "flops_per_token" in s else None
         summary = {"steps": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
                    "final_val_loss": state.val_loss, "final_val_full_loss": full, "phases": state.phase_stats,
                    "world_size": rt.world_size, "ddp_ranks_identical": identical,
