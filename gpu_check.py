@@ -234,7 +234,8 @@ def fsdp_resume(c):
     c.log.flush()
     killed = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=c.log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    while killed.poll() is None and time.time() < c.deadline and not os.path.exists(os.path.join(out, "checkpoint.json")):
+    record = os.path.join(out, "checkpoint.json")  # written once the first checkpoint is complete
+    while killed.poll() is None and time.time() < c.deadline and not os.path.exists(record):
         time.sleep(0.01)
     if killed.poll() is None:
         os.killpg(killed.pid, signal.SIGKILL)
@@ -274,7 +275,7 @@ def eval_clp(c):
 
     import eval as evaluate
     from clp import apply_clp
-    from common import round_up, save_tokenizer
+    from common import load_tokenizer, round_up, save_tokenizer
     from data import read_tei, train_bpe
     from model import GPTNeoX, GPTNeoXConfig
 
@@ -289,7 +290,6 @@ def eval_clp(c):
         unzip(os.path.join(TOKENIZERS, "pythia-gpt-neox-20b-tokenizer.json.gz"), c.path("tokenizer.json"))
         for name in ("vocab.json", "merges.txt"):  # the helper's tokenizer as GPT-2 repos ship it
             unzip(os.path.join(TOKENIZERS, f"gpt2-{name}.gz"), os.path.join(helper, name))
-    from common import load_tokenizer
     vocab = {name: load_tokenizer(path).get_vocab_size() for name, path in (("source", c.path("tokenizer.json")),
                                                                             ("helper", helper))}
     torch.manual_seed(0)
@@ -309,7 +309,8 @@ def eval_clp(c):
         t1 = time.time()
         clp[device] = apply_clp(source, helper, device=device, extrapolation_fallback=True)
         c.say(f"  {device}: eval.py {t1 - t0:.1f} s, clp.py {time.time() - t1:.1f} s")
-    figures = {"eval_tokens": ppl["cpu"]["tokens"], "eval_nll_rel_diff": abs(ppl[c.device]["nll"] / ppl["cpu"]["nll"] - 1),
+    figures = {"eval_tokens": ppl["cpu"]["tokens"],
+               "eval_nll_rel_diff": abs(ppl[c.device]["nll"] / ppl["cpu"]["nll"] - 1),
                "clp_rows": clp["cpu"][0].shape[0], "clp_shared_tokens": clp["cpu"][2].get("shared_tokens_exact"),
                "clp_max_diff": max((a.float() - b.float().cpu()).abs().max().item()
                                    for a, b in zip(clp["cpu"][:2], clp[c.device][:2]))}

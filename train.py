@@ -880,7 +880,8 @@ def record_step(run, queued, loss):
     phase, rt = queued.phase, run.rt
     dt = queued.timer.seconds()
     tok_s = phase.tokens_per_step / dt
-    record = {"step": queued.step, "phase": phase.name, "tokens": queued.tokens, "lr": queued.lr, "loss": loss, "dt_s": dt, "tokens_per_s": tok_s}
+    record = {"step": queued.step, "phase": phase.name, "tokens": queued.tokens, "lr": queued.lr, "loss": loss,
+              "dt_s": dt, "tokens_per_s": tok_s}
     if not math.isfinite(loss):
         record.update(loss=None, skipped=True)
     if rt.peak_flops:
