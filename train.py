@@ -706,7 +706,8 @@ def train_loop(run):
             if state.step >= run.phase.end:  # the switch, exactly at the boundary
                 switch_phase(run)
                 verify_grads = first_step = True
-            phase, lr, timer = run.phase, run.phase.lr(state.step, cfg.min_lr), StepTimer(rt)
+            timer = StepTimer(rt, after=queued.timer if queued else None)
+            phase, lr = run.phase, run.phase.lr(state.step, cfg.min_lr)
             batches = step_batches(run, reader, state.step > start_step,
                                    before_checkpoint=lambda: queued and end_step(run, queued, bar))
             ahead = None  # on a GPU the next step's rows are read while this one computes
@@ -758,14 +759,18 @@ class QueuedStep:
 
 class StepTimer:
     """A step's wall time: on a GPU between two CUDA events on the run's stream, read when the step is ended (waiting
-    for that step only); on a CPU, where train_step returns with the step done, the host clock."""
+    for that step only), from the end of the step before when that one ran back to back (after: its timer), so the
+    device's idle time between the two counts; on a CPU, where train_step returns with the step done, the host
+    clock."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, after=None):
         self.t0, self.t1, self.events = time.perf_counter(), None, None
         if rt.device_type == "cuda":
             self.stream = torch.cuda.current_stream(rt.device)
-            self.events = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
-            self.events[0].record(self.stream)
+            start = after.events[1] if after is not None else torch.cuda.Event(enable_timing=True)
+            if after is None:
+                start.record(self.stream)
+            self.events = [start, torch.cuda.Event(enable_timing=True)]
 
     def stop(self):
         self.t1 = time.perf_counter()

@@ -511,3 +511,25 @@ def test_a_nonfinite_step_changes_nothing_and_is_not_waited_for():
     train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt)
     assert not torch.equal(model.embed_out.weight, weights["embed_out.weight"])
     assert all(s["step"] == 2 for s in optimizer.state.values())
+
+
+def test_cuda_rng_state_is_the_runs_devices(monkeypatch, tmp_path):
+    """A single process on cuda:1 saves and restores cuda:1's RNG state, not cuda:0's (torch.cuda's default). The
+    CUDA calls are stood in for: this runs without a GPU."""
+    from types import SimpleNamespace
+
+    saved, restored = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved.append(device) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    monkeypatch.setattr(train, "save_checkpoint", lambda out_dir, training, *a, **kw: checkpoints.append(training))
+    checkpoints = []
+    model = GPTNeoX(GPTNeoXConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=8))
+    cfg, rt = train.TrainConfig(out_dir=str(tmp_path)), train.Runtime(device="cuda:1")
+    optimizer, scaler = train.configure_optimizer(model, cfg, "cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    run = SimpleNamespace(cfg=cfg, rt=rt, model=model, optimizer=optimizer, scaler=scaler, tokenizer_dir="",
+                          phase=train.Phase("full", 1, 1, 8, 1e-3, "cosine"), state=train.TrainState())
+    train.Run.checkpoint(run)
+    assert saved == ["cuda:1"] and torch.equal(checkpoints[0]["rng"]["cuda"], torch.ones(3))
+    checkpoint = SimpleNamespace(training=checkpoints[0], sharded=False, optimizer=optimizer.state_dict())
+    train.restore_training(checkpoint, model, optimizer, scaler, [run.phase], cfg, rt)
+    assert [device for device, _ in restored] == ["cuda:1"]
