@@ -44,4 +44,13 @@ def test_without_a_venv_the_machines_python3_runs_the_targets():
 
     assert dry("gpu-check", "VENV=/nonexistent", "OUT=/tmp/x").strip() == "python3 gpu_check.py --out /tmp/x"
     assert dry("test-gpu", "VENV=/nonexistent").strip() == "python3 -m pytest -q -m gpu tests"
-    assert dry("test").startswith(".venv/bin/python -m pytest")  # this checkout has one
+
+
+def test_make_test_says_why_a_test_skipped(tmp_path):
+    """make test runs pytest with the repository's pytest.ini, whose -rs lists each skip with its reason (the GPU
+    tests on a machine without one)."""
+    assert f"{sys.executable} -m pytest -q tests" in make_n("test")
+    (tmp_path / "test_skips.py").write_text("import pytest\n\n\ndef test_gpu():\n    pytest.skip('no CUDA device')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", f"{ROOT}/pytest.ini", "--rootdir", str(tmp_path),
+                        str(tmp_path / "test_skips.py")], cwd=ROOT, text=True, capture_output=True)
+    assert r.returncode == 0 and "SKIPPED [1] " in r.stdout and ": no CUDA device" in r.stdout, r.stdout
