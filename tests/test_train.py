@@ -663,8 +663,9 @@ def test_cuda_rng_state_is_the_runs_devices(monkeypatch, tmp_path):
     model = GPTNeoX(GPTNeoXConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=8))
     cfg, rt = train.TrainConfig(out_dir=str(tmp_path)), train.Runtime(device="cuda:1")
     optimizer, scaler = train.configure_optimizer(model, cfg, "cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    phase = train.Phase("full", 1, 1, 8, 1e-3, "cosine")
     run = SimpleNamespace(cfg=cfg, rt=rt, model=model, optimizer=optimizer, scaler=scaler, tokenizer_dir="",
-                          phase=train.Phase("full", 1, 1, 8, 1e-3, "cosine"), state=train.TrainState())
+                          phase=phase, phases=[phase], planned_for=1, data_record={}, state=train.TrainState())
     train.Run.checkpoint(run)
     assert saved == ["cuda:1"] and torch.equal(checkpoints[0]["rng"]["cuda"], torch.ones(3))
     checkpoint = SimpleNamespace(training=checkpoints[0], sharded=False, optimizer=optimizer.state_dict())
