@@ -11,7 +11,8 @@
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+# the project's .venv, else the machine's own python3 (a GPU machine with its packages installed, and no .venv)
+PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 
 SOURCE_MODEL ?= EleutherAI/pythia-410m
 HELPER_MODEL ?= malteos/gpt2-wechsel-german-ds-meg
@@ -33,7 +34,8 @@ MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
 
-.PHONY: install test test-gpu test-slurm init init-random data train eval demo bench
+
+.PHONY: install test test-gpu gpu-check test-slurm init init-random data train eval demo bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +47,10 @@ test:
 
 test-gpu:  # the GPU path (tests/test_gpu.py): needs a CUDA device
 	$(PY) -m pytest -q -m gpu tests
+
+OUT ?= out/gpu-check
+gpu-check:  # the whole GPU path in under 8 minutes -> $(OUT)/gpu_check.json and .log (gpu_check.py; --dry-run: CPU)
+	$(PY) gpu_check.py --out $(OUT) $(ARGS)
 
 test-slurm:  # slurm/train.sbatch against Slurm daemons started here (tests/test_slurm.py): root, Debian's slurm packages
 	$(PY) -m pytest -q -rs -m slurm tests/test_slurm.py

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from common import UserError, run_cli, torch_dtype, write_json
+import model as model_module
 from model import GPTNeoX, GPTNeoXConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -572,7 +573,8 @@ def flash_attention_memory(q, k, v, is_causal=True):
 def memory_model(shape, dtype="bfloat16", block_size=2048):
     """train.py's training memory, per parameter and per token, from its own code: parameters counted on the meta
     device, the activations autograd saves for backward traced there (at two lengths: the slope is per token), with
-    and without activation checkpointing, plus the logits' fp32 gradient. The model is traced in `dtype` (autocast
+    and without activation checkpointing, plus the loss's transient logits (model.Head: one chunk of positions at a
+    time, its logits in the compute dtype, their fp32 copy and fp32 gradient). The model is traced in `dtype` (autocast
     does not act on the meta device; on a GPU it keeps a few ops in fp32: an approximation), the logits upcast for
     the loss as in train.py, attention as flash attention keeps it. Returns n_params, the largest FSDP group and a
     block's parameters, and activation bytes per token (plain; checkpointed, which includes one block recomputed in
@@ -593,22 +595,25 @@ def memory_model(shape, dtype="bfloat16", block_size=2048):
     block = sum(p.numel() for p in model.blocks()[0].parameters())
     return {"n_params": sum(p.numel() for p in model.parameters()), "block_params": block,
             "largest_group": max(model.input_embeddings().weight.numel(), model.output_embeddings().weight.numel(), block),
-            "activation_bytes_per_token": per_token[False] + 4 * config.vocab_size,
-            "checkpointed_activation_bytes_per_token": per_token[True] + per_block + 4 * config.vocab_size}
+            "activation_bytes_per_token": per_token[False],
+            "checkpointed_activation_bytes_per_token": per_token[True] + per_block,
+            "loss_bytes_per_token": (torch_dtype(dtype).itemsize + 8) * config.vocab_size,
+            "loss_chunk_tokens": model_module.LOSS_CHUNK_TOKENS}
 
 
 def bytes_per_gpu(m, parallelism, world_size, checkpointed, tokens, param_bytes=2):
     """Peak bytes of one rank for a step of `tokens` tokens per micro-batch: fp32 master weights, fp32 gradients and
     AdamW's two fp32 moments (16 B per parameter; FSDP: 1/world_size of them); under DDP autocast's weight copies
     in a 2-byte dtype (param_bytes each, kept for backward), under FSDP the largest group unsharded with its unsharded gradient (param_bytes each: the
-    compute dtype's) and an fp32 reduce buffer, and the next block prefetched; the activations."""
+    compute dtype's) and an fp32 reduce buffer, and the next block prefetched; the activations; the loss's logits
+    (one chunk of at most loss_chunk_tokens positions)."""
     states = 16 * m["n_params"] / (world_size if parallelism == "fsdp" else 1)
     if parallelism == "fsdp":
         transient = m["largest_group"] * (2 * param_bytes + 4) + m["block_params"] * param_bytes
     else:
         transient = m["n_params"] * param_bytes if param_bytes < 4 else 0
     per_token = m["checkpointed_activation_bytes_per_token" if checkpointed else "activation_bytes_per_token"]
-    return states + transient + per_token * tokens
+    return states + transient + per_token * tokens + m["loss_bytes_per_token"] * min(tokens, m["loss_chunk_tokens"])
 
 
 def what_fits(card_bytes=80e9, world_size=8, block_size=2048, usable=0.9):
@@ -620,8 +625,12 @@ def what_fits(card_bytes=80e9, world_size=8, block_size=2048, usable=0.9):
         fits = {}
         for parallelism in ("ddp", "fsdp"):
             for checkpointed in (False, True):
-                fixed = bytes_per_gpu(m, parallelism, world_size, checkpointed, 0)
-                per_seq = bytes_per_gpu(m, parallelism, world_size, checkpointed, block_size) - fixed
+                def need(n):  # bytes of a micro-batch of n sequences
+                    return bytes_per_gpu(m, parallelism, world_size, checkpointed, n * block_size)
+
+                k = -(-m["loss_chunk_tokens"] // block_size)  # from k sequences on, the loss chunk is full
+                per_seq = need(k + 1) - need(k)
+                fixed = need(k) - k * per_seq
                 fits[f"{parallelism}{'+ac' if checkpointed else ''}"] = max(0, int((usable * card_bytes - fixed)
                                                                                  // per_seq))
         rows[name] = {**m, "ddp_state_bytes_per_gpu": bytes_per_gpu(m, "ddp", world_size, False, 0),

@@ -34,7 +34,9 @@ def parse_config(config_class, argv, defaults=None, description=""):
             key, eq, raw = arg[2:].partition("=")
             if not eq:
                 raise UserError(f"{arg}: expected --key=value")
-            assign(cfg, key, raw if known_field(cfg, key, arg).type is str else literal(raw), arg)
+            f = known_field(cfg, key, arg)
+            text = f.type is str and all(type(c) is str for c in f.metadata.get("choices") or ())  # not compile's True
+            assign(cfg, key, raw if text else literal(raw), arg)
         else:
             for key, value in read_config_file(arg).items():
                 assign(cfg, key, value, arg)
@@ -62,7 +64,12 @@ def literal(raw):
 def assign(cfg, key, value, where):
     """cfg.key = value, checked against the key's type (an int passes as a float, 1e3 as an int) and choices."""
     f = known_field(cfg, key, where)
-    want = f.type
+    want, choices = f.type, f.metadata.get("choices")
+    if choices:  # of any type (compile: 'auto', True, False)
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise UserError(f"{where}: {key}={value!r}, expected one of {', '.join(map(str, choices))}")
+        setattr(cfg, key, value)
+        return
     if want is float and type(value) is int:
         value = float(value)
     if want is int and type(value) is float and value.is_integer():  # --max_iters=1e3
@@ -70,9 +77,6 @@ def assign(cfg, key, value, where):
     if type(value) is not want:
         article = "an" if want.__name__[0] in "aeiou" else "a"
         raise UserError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected {article} {want.__name__}")
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"{where}: {key}={value!r}, expected one of {', '.join(choices)}")
     setattr(cfg, key, value)
 
 
@@ -85,7 +89,7 @@ def config_help(cfg, description=""):
             lines += ["", f"# {f.metadata['group']}"]
         choices, text = f.metadata.get("choices"), f.metadata.get("help", "")
         if choices:
-            text = " | ".join(choices) + (f" ({text})" if text else "")
+            text = " | ".join(map(str, choices)) + (f" ({text})" if text else "")
         lines.append(f"  --{f.name}={getattr(cfg, f.name)!r}" + (f"  # {text}" if text else ""))
     return "\n".join(lines)
 

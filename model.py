@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from common import UserError, atomic_path, read_json, resolve_model_dir, torch_dtype, write_json
 
@@ -495,6 +496,33 @@ class LlamaBlock(nn.Module):
 LEGACY_BUFFERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")  # in old checkpoints
 
 
+LOSS_CHUNK_TOKENS = 2048  # positions whose logits a training loss holds at once (Head)
+
+
+class Head(nn.Linear):
+    """The output head (a Linear without bias: HF's embed_out / lm_head). Given targets it returns the mean
+    cross-entropy (ignore index -100) instead of the logits: over chunks of LOSS_CHUNK_TOKENS positions, each chunk's
+    logits recomputed in backward (torch.utils.checkpoint) rather than kept. The full logits and their fp32 softmax
+    would live through the whole model's backward (about 5 GB at 8 x 2048 x 50,304), a chunk's is a transient
+    fraction; the price is one more head matmul per chunk. One call of the module per forward, so FSDP and DDP hooks
+    see it once."""
+
+    def __init__(self, n_embd, vocab_size):
+        super().__init__(n_embd, vocab_size, bias=False)
+
+    def forward(self, x, targets=None):
+        if targets is None:
+            return F.linear(x, self.weight)
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        total = 0.0
+        for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS)):
+            total = total + torch.utils.checkpoint.checkpoint(self.chunk_loss, xc, tc, use_reentrant=False)
+        return total / (targets != -100).sum()
+
+    def chunk_loss(self, x, targets):
+        return F.cross_entropy(F.linear(x, self.weight).float(), targets, ignore_index=-100, reduction="sum")
+
+
 def embedding(num_embeddings, dim):
     """nn.Embedding without its own random init (init_weights gives it transformers' off the meta device)."""
     return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
@@ -561,16 +589,14 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """Logits (B, T, V) for every position; with targets (B, T) also the mean cross-entropy (ignore index -100)."""
+        """(logits (B, T, V), None) for every position; with targets (B, T), (None, the mean cross-entropy, ignore
+        index -100), computed without holding the full logits (Head)."""
         x = self.input_embeddings()(idx)
         cos, sin = self.rotary_tables(idx.shape[1], idx.device)
         for block in self.blocks():
             x = block(x, cos, sin)
-        logits = self.output_embeddings()(self.final_norm()(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        out = self.output_embeddings()(self.final_norm()(x), targets)
+        return (out, None) if targets is None else (None, out)
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding=True leaves out the input and output embeddings (the Pythia cards'
@@ -681,7 +707,7 @@ class GPTNeoX(CausalLM):
             layers=nn.ModuleList([GPTNeoXBlock(config) for _ in range(config.n_layer)]),
             final_layer_norm=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
         ))
-        self.embed_out = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.embed_out = Head(config.n_embd, config.vocab_size)
         self.tie_weights()
         self.init_weights()
 
@@ -713,7 +739,7 @@ class Llama(CausalLM):
             layers=nn.ModuleList([LlamaBlock(config, config.window(i)) for i in range(config.n_layer)]),
             norm=RMSNorm(config.n_embd, config.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Head(config.n_embd, config.vocab_size)
         self.tie_weights()
         self.init_weights()
 

@@ -114,7 +114,8 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N", group="system")
     dtype: str = option("auto", "auto: bfloat16 on a GPU that has it, else float32",
                         choices=("auto", "bfloat16", "float16", "float32"))
-    compile: bool = option(False)
+    compile: str = option("auto", "torch.compile the model; auto: on a GPU, not on a CPU (where it gains nothing)",
+                          choices=("auto", True, False))
     parallelism: str = option("ddp", "with several processes: ddp replicates the model, fsdp shards parameters, "
                                      "gradients and Adam state (FSDP2)", choices=("ddp", "fsdp"))
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, "
@@ -126,11 +127,16 @@ class TrainConfig:
     max_nonfinite_steps: int = option(0, "optimizer steps with a non-finite loss to skip before stopping")
 
 
-# dense tensor-core peaks per card: (bf16 and fp16, TF32). float32 runs use the TF32 figure (the trainer turns TF32 on;
-# on these cards it is half the bf16 rate). The first matching name counts: H200 before H100, A100 before A10.
-PEAK_FLOPS = {"H200": (989e12, 494.7e12), "H100": (989e12, 494.7e12), "A100": (312e12, 156e12),
-              "L40S": (362e12, 183e12), "L4": (121e12, 60e12), "A10": (125e12, 62.5e12), "4090": (165e12, 82.6e12),
-              "3090": (71e12, 35.6e12)}
+# dense tensor-core peaks per card and form factor: (bf16 and fp16 with fp32 accumulation, TF32), from NVIDIA's data
+# sheets (their "with sparsity" figures halved). float32 runs use the TF32 figure (the trainer turns TF32 on). A card
+# whose data sheet gives one form factor has the key ''.
+PEAK_FLOPS = {("H200", "SXM"): (989e12, 494.7e12), ("H200", "NVL"): (835e12, 417.5e12),
+              ("GH200", "SXM"): (989e12, 494.7e12), ("H100", "SXM"): (989e12, 494.7e12),
+              ("H100", "PCIe"): (756e12, 378e12), ("H100", "NVL"): (835e12, 417.5e12),
+              ("A100", "SXM"): (312e12, 156e12), ("A100", "PCIe"): (312e12, 156e12),
+              ("L40S", ""): (362e12, 183e12), ("L40", ""): (181e12, 90.5e12), ("L4", ""): (121e12, 60e12),
+              ("A10G", ""): (70e12, 35e12), ("A10", ""): (125e12, 62.5e12),
+              ("4090", ""): (165e12, 82.6e12), ("3090", ""): (71e12, 35.6e12)}
 
 # keys a resumed run may change: its length, evaluation, logging and where and how fast it runs. Every other key
 # gives the saved state (data position, phases, optimizer, schedule) its meaning.
@@ -420,6 +426,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     peak_flops: float = 0.0  # the device's dense peak at dtype, for MFU (0: unknown)
+    compile: bool = False  # compile='auto' resolved
 
     @property
     def master(self):
@@ -487,7 +494,8 @@ class Run:
         """The run after the step just taken, and the record naming it (checkpoint.save_checkpoint); every rank
         calls it."""
         rt = self.rt
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(rt.device) if rt.device_type == "cuda" else None}
         training = {"scaler": self.scaler.state_dict(), "model_config": asdict(self.model.config),
                     "tokenizer_dir": self.tokenizer_dir, "config": asdict(self.cfg), "phase": self.phase.name,
                     "plan": {"world_size": self.planned_for, "phases": [asdict(p) for p in self.phases]},
@@ -581,7 +589,8 @@ def setup_processes(cfg):
     torch.manual_seed(cfg.seed + rank)
     return Runtime(device=device, dtype=dtype, distributed=distributed,
                    fsdp=distributed and cfg.parallelism == "fsdp", rank=rank, local_rank=local_rank,
-                   world_size=world_size, peak_flops=peak)
+                   world_size=world_size, peak_flops=peak,
+                   compile=device_type == "cuda" if cfg.compile == "auto" else cfg.compile)
 
 
 def check_accumulation(cfg, world_size, master):
@@ -724,11 +733,12 @@ def restore_training(checkpoint, model, optimizer, scaler, phases, cfg, rt):
         raise UserError(f"{checkpoint.path} was written by a DDP run: resume it with parallelism=ddp")
     else:
         optimizer.load_state_dict(checkpoint.optimizer)
-    scaler.load_state_dict(training["scaler"])
+    if training["scaler"]:  # a bf16 or fp32 run saves an empty state: a float16 resume starts its scale afresh
+        scaler.load_state_dict(training["scaler"])
     if rt.master:  # the other ranks keep their seed + rank streams (nothing in training draws from them)
         torch.set_rng_state(training["rng"]["torch"])
         if rt.device_type == "cuda" and training["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(training["rng"]["cuda"])
+            torch.cuda.set_rng_state(training["rng"]["cuda"], rt.device)
 
 
 def start_out_dir(cfg, rt, model, model_source, phases, n_blocks):
@@ -785,7 +795,9 @@ def evaluate_only(run):
 def train_loop(run):
     """The optimizer steps from state.step to the end of the last phase: the switch exactly at a phase boundary, an
     evaluation and a checkpoint every eval_interval steps, a stop request honoured at the next step boundary (with a
-    checkpoint)."""
+    checkpoint). The host does not wait for a step: its loss and time are read (end_step) once the next step is
+    queued, so the device runs on through the host's work between steps; a step that evaluates, checkpoints, stops or
+    ends a phase is ended at once."""
     from tqdm import tqdm
 
     cfg, rt, state = run.cfg, run.rt, run.state
@@ -795,47 +807,118 @@ def train_loop(run):
     verify_grads = False  # after a switch, until a step updates: every trainable parameter got a gradient
     first_step = True  # the first step after the model was (re)built: compile, allocator warm-up
     start_step = state.step
+    queued = None  # the step before this one, not ended yet
     reset_peak_rss()  # each phase's peak host memory is its own, loading left out
     run.stop.deferred = True  # from here a signal stops the run at the next step boundary, with a checkpoint
-    while state.step < run.total_steps:
-        if state.step >= run.phase.end:  # the switch, exactly at the boundary
-            switch_phase(run)
-            verify_grads = first_step = True
-        phase, lr, t0 = run.phase, run.phase.lr(state.step, cfg.min_lr), time.time()
-        batches = step_batches(run, reader, progressed=state.step > start_step)
-        ahead = None  # on a GPU the next step's rows are read while this one computes
-        if rt.device_type == "cuda" and state.step + 1 < run.total_steps:
-            ahead = functools.partial(reader.read_ahead, state.pos, phase_at(run.phases, state.step + 1))
-        loss = train_step(run.wrapped, run.model, run.optimizer, run.scaler, batches, lr, cfg.grad_clip, rt,
-                          verify_grads, ahead)
-        if not math.isfinite(loss):  # only the update is skipped: the step counts, evaluates, checkpoints
-            count_nonfinite(run, loss)
-        else:
-            verify_grads = False
-        record = record_step(run, lr, loss, time.time() - t0, first_step)
-        first_step = False
-        evaluating = state.step % cfg.eval_interval == 0 or state.step == run.total_steps
-        if evaluating:
-            state.val_loss = run.validation_loss(run.eval_blocks)
-            state.best_val_loss = min(state.best_val_loss, state.val_loss)
-            record.update(val_loss=state.val_loss, val_ppl=exp(state.val_loss))
-            if rt.master:
-                tqdm.write(f"step {state.step} ({phase.name}): train loss {loss:.4f}, val loss {state.val_loss:.4f}, "
-                           f"ppl {exp(state.val_loss):.6g}")
-        run.metrics.log(record)
-        bar.update(1)
-        bar.set_postfix(phase=phase.name, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if evaluating:
-            run.checkpoint()
-        if should_stop(run.stop, rt):
-            if not evaluating:
-                run.checkpoint()
-            bar.close()
-            exit_stopped(run)
+    try:
+        while state.step < run.total_steps:
+            if state.step >= run.phase.end:  # the switch, exactly at the boundary
+                switch_phase(run)
+                verify_grads = first_step = True
+            timer = StepTimer(rt, after=queued.timer if queued else None)
+            phase, lr = run.phase, run.phase.lr(state.step, cfg.min_lr)
+            batches = step_batches(run, reader, state.step > start_step,
+                                   before_checkpoint=lambda: queued and end_step(run, queued, bar))
+            ahead = None  # on a GPU the next step's rows are read while this one computes
+            if rt.device_type == "cuda" and state.step + 1 < run.total_steps:
+                ahead = functools.partial(reader.read_ahead, state.pos, phase_at(run.phases, state.step + 1))
+            loss = train_step(run.wrapped, run.model, run.optimizer, run.scaler, batches, lr, cfg.grad_clip, rt,
+                              verify_grads, ahead)
+            timer.stop()
+            state.step += 1
+            state.tokens += phase.tokens_per_step
+            if queued:  # the step before, now that this one is queued
+                previous, queued = queued, None
+                if math.isfinite(end_step(run, previous, bar)):
+                    verify_grads = False
+            queued, first_step = QueuedStep(state.step, state.tokens, phase, lr, loss, timer, first_step), False
+            stopping = should_stop(run.stop, rt)
+            evaluating = state.step % cfg.eval_interval == 0 or state.step == run.total_steps
+            if evaluating or stopping or state.step >= run.phase.end:
+                now, queued = queued, None
+                if math.isfinite(end_step(run, now, bar)):
+                    verify_grads = False
+            if stopping:
+                if not evaluating:
+                    run.checkpoint()
+                bar.close()
+                exit_stopped(run)
+    except (UserError, Stop):  # a bad batch, a second signal: the step taken before is logged all the same
+        if queued and not queued.ended:
+            end_step(run, queued, bar)
+        raise
     bar.close()
     run.stop.deferred = False  # the end: a signal stops the run at once (the last step's checkpoint is complete)
     if run.stop.received:
         raise Stop(run.stop.received[0])
+
+
+@dataclass
+class QueuedStep:
+    """A step taken (its work queued on the device, counted in the state), its loss and time not read yet."""
+    step: int
+    tokens: int  # trained on by the end of it
+    phase: Phase
+    lr: float
+    loss: torch.Tensor  # 0-dim, on the device
+    timer: "StepTimer"
+    first: bool  # the first step after the model was (re)built
+    ended: bool = False  # end_step has read it
+
+
+class StepTimer:
+    """A step's wall time: on a GPU between two CUDA events on the run's stream, read when the step is ended (waiting
+    for that step only), from the end of the step before when that one ran back to back (after: its timer), so the
+    device's idle time between the two counts; on a CPU, where train_step returns with the step done, the host
+    clock."""
+
+    def __init__(self, rt, after=None):
+        self.t0, self.t1, self.events = time.perf_counter(), None, None
+        if rt.device_type == "cuda":
+            self.stream = torch.cuda.current_stream(rt.device)
+            start = after.events[1] if after is not None else torch.cuda.Event(enable_timing=True)
+            if after is None:
+                start.record(self.stream)
+            self.events = [start, torch.cuda.Event(enable_timing=True)]
+
+    def stop(self):
+        self.t1 = time.perf_counter()
+        if self.events:
+            self.events[1].record(self.stream)
+
+    def seconds(self):
+        if not self.events:
+            return self.t1 - self.t0
+        self.events[1].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1000
+
+
+def end_step(run, queued, bar):
+    """A queued step's loss and time read, counted (count_nonfinite, record_step) and logged; at an evaluation step
+    the evaluation and the checkpoint. Returns the loss."""
+    from tqdm import tqdm
+
+    cfg, rt, state = run.cfg, run.rt, run.state
+    queued.ended = True
+    loss = queued.loss.item()
+    if not math.isfinite(loss):  # its update was skipped (train_step); the step counts, evaluates, checkpoints
+        count_nonfinite(run, loss, queued.step)
+    record = record_step(run, queued, loss)
+    evaluating = queued.step % cfg.eval_interval == 0 or queued.step == run.total_steps
+    if evaluating:
+        state.val_loss = run.validation_loss(run.eval_blocks)
+        state.best_val_loss = min(state.best_val_loss, state.val_loss)
+        record.update(val_loss=state.val_loss, val_ppl=exp(state.val_loss))
+        if rt.master:
+            tqdm.write(f"step {queued.step} ({queued.phase.name}): train loss {loss:.4f}, val loss "
+                       f"{state.val_loss:.4f}, ppl {exp(state.val_loss):.6g}")
+    run.metrics.log(record)
+    bar.update(1)
+    bar.set_postfix(phase=queued.phase.name, loss=f"{loss:.3f}", lr=f"{queued.lr:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}")
+    if evaluating:
+        run.checkpoint()
+    return loss
 
 
 def switch_phase(run):
@@ -868,9 +951,10 @@ def peak_rss_mb():
         return None
 
 
-def step_batches(run, reader, progressed):
+def step_batches(run, reader, progressed, before_checkpoint=lambda: None):
     """The step's micro-batches. A bad batch (an id beyond the vocabulary) on any rank stops every rank, after a
-    checkpoint of the last good step when this run took steps, so no progress is lost."""
+    checkpoint of the last good step when this run took steps, so no progress is lost (before_checkpoint ends the
+    step queued before it, which the checkpoint then holds)."""
     try:
         batches, bad = reader.next(run.state, run.phase), None
     except UserError as e:
@@ -884,47 +968,47 @@ def step_batches(run, reader, progressed):
         return batches
     if not progressed:
         raise bad
+    before_checkpoint()
     run.checkpoint()
     raise UserError(f"{bad}; stopped before step {run.state.step + 1}: the checkpoint {run.checkpoint_path} holds "
                     f"step {run.state.step} (init_from=resume continues once the data is fixed)")
 
 
-def count_nonfinite(run, loss):
+def count_nonfinite(run, loss, step):
     """A skipped step counts, evaluates and checkpoints like any other; more than max_nonfinite_steps end the run."""
     state, cfg = run.state, run.cfg
     state.nonfinite_steps += 1
     if state.nonfinite_steps > cfg.max_nonfinite_steps:
-        raise UserError(f"non-finite training loss ({loss}) at step {state.step + 1}; the last good "
+        raise UserError(f"non-finite training loss ({loss}) at step {step}; the last good "
                         f"checkpoint is {run.checkpoint_path}" + ("" if has_checkpoint(cfg.out_dir) else " (none yet)")
                         + "; lower the learning rate or set max_nonfinite_steps to skip such steps")
     if run.rt.master:
         from tqdm import tqdm
 
-        tqdm.write(f"step {state.step + 1}: non-finite loss, step skipped "
-                   f"({state.nonfinite_steps}/{cfg.max_nonfinite_steps})")
+        tqdm.write(f"step {step}: non-finite loss, step skipped ({state.nonfinite_steps}/{cfg.max_nonfinite_steps})")
 
 
-def record_step(run, lr, loss, dt, first_step):
-    """The step just taken, counted in the state and in its phase's statistics; returns its metrics.jsonl line (a
-    skipped step's loss is null)."""
-    state, phase, rt = run.state, run.phase, run.rt
-    state.step += 1
-    state.tokens += phase.tokens_per_step
+def record_step(run, queued, loss):
+    """A step ended, counted in its phase's statistics; returns its metrics.jsonl line (a skipped step's loss is
+    null)."""
+    phase, rt = queued.phase, run.rt
+    dt = queued.timer.seconds()
     tok_s = phase.tokens_per_step / dt
-    record = {"step": state.step, "phase": phase.name, "tokens": state.tokens, "lr": lr, "loss": loss, "dt_s": dt,
-              "tokens_per_s": tok_s}
+    record = {"step": queued.step, "phase": phase.name, "tokens": queued.tokens, "lr": queued.lr, "loss": loss,
+              "dt_s": dt, "tokens_per_s": tok_s}
     if not math.isfinite(loss):
         record.update(loss=None, skipped=True)
     if rt.peak_flops:
         record["mfu"] = run.model.flops_per_token(run.cfg.block_size) * tok_s / rt.world_size / rt.peak_flops
     if rt.device_type == "cuda":
         record["peak_mem_mb"] = torch.cuda.max_memory_allocated(rt.device) / 2**20
-    stats = state.phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0, "first_steps": 0,
-                                                      "first_steps_seconds": 0.0})
+    stats = run.state.phase_stats.setdefault(phase.name, {"steps": 0, "tokens": 0, "seconds": 0.0,
+                                                          "first_steps": 0, "first_steps_seconds": 0.0})
     stats["steps"] += 1
     stats["tokens"] += phase.tokens_per_step
+    stats["flops_per_token"] = run.model.flops_per_token(run.cfg.block_size)  # the phase's: frozen weights count less
     stats["seconds"] += dt
-    if first_step:  # reported apart, and left out of the phase's tokens/s
+    if queued.first:  # reported apart, and left out of the phase's tokens/s
         stats["first_steps"] += 1
         stats["first_steps_seconds"] += dt
     if "peak_mem_mb" in record:
@@ -976,6 +1060,8 @@ def finish(run):
         for s in state.phase_stats.values():  # tokens/s of the steps after each phase's first (compile) step
             timed, seconds = s["steps"] - s["first_steps"], s["seconds"] - s["first_steps_seconds"]
             s["tokens_per_s"] = s["tokens"] / s["steps"] * timed / seconds if timed and seconds > 0 else None
+            s["mfu"] = s["tokens_per_s"] * s["flops_per_token"] / rt.world_size / rt.peak_flops \
+                if s["tokens_per_s"] and rt.peak_flops and "flops_per_token" in s else None
         summary = {"steps": state.step, "tokens": state.tokens, "best_val_loss": state.best_val_loss,
                    "final_val_loss": state.val_loss, "final_val_full_loss": full, "phases": state.phase_stats,
                    "world_size": rt.world_size, "ddp_ranks_identical": identical,
@@ -1000,33 +1086,47 @@ def run_is_complete(out_dir, step):
 
 def train_step(model, raw_model, optimizer, scaler, batches, lr, grad_clip, rt, verify_grads=False, read_ahead=None):
     """One optimizer step at learning rate lr: forward and backward over the micro-batches, gradient clipping
-    (grad_clip > 0), the update. Returns the loss (mean over the ranks). A non-finite loss skips the update (the
-    gradients are dropped); counting it is the caller's. verify_grads (the first step after a phase switch): every
-    trainable parameter got a gradient, and the ranks agree after the update. read_ahead, if given, runs while the
-    device computes."""
+    (grad_clip > 0), the update. Returns the loss (mean over the ranks) as a 0-dim tensor on the device, unread: the
+    host queues the step and goes on. A non-finite loss skips the update on the device (update_unless_nonfinite);
+    counting it is the caller's. verify_grads (the first step after a phase switch): every trainable parameter got a
+    gradient, and the ranks agree after the update. read_ahead, if given, runs while the device computes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(model, batches, scaler, rt)
     if read_ahead is not None:
         read_ahead()
-    loss = all_mean(loss.item(), rt)
-    if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], grad_clip)
-        if verify_grads:
-            missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
-            assert not missing, f"no gradients after the phase switch for {missing[:3]}"
+    if rt.distributed:
+        dist.all_reduce(loss)
+        loss /= rt.world_size
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], grad_clip)
+    if verify_grads:
+        missing = [n for n, p in raw_model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"no gradients after the phase switch for {missing[:3]}"
+    update_unless_nonfinite(optimizer, scaler, loss)
+    optimizer.zero_grad(set_to_none=True)
+    if verify_grads and isinstance(model, DDP):
+        assert ranks_identical(raw_model), "ranks diverged after the phase switch"
+    return loss
+
+
+def update_unless_nonfinite(optimizer, scaler, loss):
+    """The optimizer step, skipped when the loss is not finite, decided on the device, without waiting for it: the
+    fused AdamW takes the flag (found_inf, as a GradScaler hands it over) and leaves weights, moments and step counts
+    as they were. float16: the GradScaler skips a step whose gradients overflowed (a non-finite loss's do) and
+    lowers its scale. An optimizer without the fused kernel reads the loss."""
+    if scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if verify_grads and isinstance(model, DDP):
-            assert ranks_identical(raw_model), "ranks diverged after the phase switch"
-    if rt.device_type == "cuda":
-        torch.cuda.synchronize(rt.device)
-    return loss
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~torch.isfinite(loss)).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif math.isfinite(loss.item()):
+        optimizer.step()
 
 
 def forward_backward(model, batches, scaler, rt):
@@ -1061,7 +1161,7 @@ def wrap(raw_model, cfg, rt):
     switch: dynamo may reuse a graph traced with other requires_grad flags (pytorch#139476) and DDP registers only
     the parameters that required grad when it was built, so both are rebuilt from scratch."""
     model = raw_model
-    if cfg.compile:
+    if rt.compile:
         torch._dynamo.reset()
         model = torch.compile(raw_model)
     if rt.distributed and not rt.fsdp:  # an FSDP model is sharded already (build_model)
@@ -1233,14 +1333,6 @@ def evaluate(model, val_data, n_blocks, vocab_size, batch_size, rt):
     return (nll[0] / nll[1]).item()
 
 
-def all_mean(value, rt):
-    if not rt.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t)
-    return t.item() / rt.world_size
-
-
 def ranks_identical(model):
     """Every parameter equal on every rank (per-parameter sums compared exactly)."""
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
@@ -1266,9 +1358,21 @@ def leave_process_group(rt, model=None):
         dist.destroy_process_group()
 
 
+def card(device_name):
+    """(card, form factor) of a CUDA device name, the PEAK_FLOPS key: 'NVIDIA H100 PCIe' -> ('H100', 'PCIe'), 'NVIDIA
+    H100 80GB HBM3' -> ('H100', 'SXM'), 'NVIDIA L4' -> ('L4', ''). Whole words compare, so L4 is not L40 nor A10
+    A10G; a data-centre card that names no form factor is the SXM one. None for a card the table does not list."""
+    words = re.split(r"[\s_-]+", device_name.upper())
+    name = next((w for w in words if (w, "") in PEAK_FLOPS or (w, "SXM") in PEAK_FLOPS), None)
+    if name is None:
+        return None
+    form = "NVL" if "NVL" in words else "PCIe" if "PCIE" in words else "SXM"
+    return (name, form) if (name, form) in PEAK_FLOPS else (name, "") if (name, "") in PEAK_FLOPS else None
+
+
 def peak_flops(device_name, dtype):
     """The card's dense peak for the run's dtype (PEAK_FLOPS); 0.0 for a card not listed (no MFU then)."""
-    bf16, tf32 = next((v for k, v in PEAK_FLOPS.items() if k in device_name), (0.0, 0.0))
+    bf16, tf32 = PEAK_FLOPS.get(card(device_name), (0.0, 0.0))
     return tf32 if dtype == "float32" else bf16
 
 

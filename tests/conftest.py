@@ -137,7 +137,8 @@ def eltec_tokenizers(tmp_path_factory):
     return out
 
 
-TINY_TRAIN = ["--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2",
+# pinned to the CPU (exact fp32 comparisons, one process per CPU rank) on a GPU machine too; test_gpu.py overrides it
+TINY_TRAIN = ["--device=cpu", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2",
               "--eval_at_start=False", "--learning_rate=3e-3", "--min_lr=3e-4", "--embedding_learning_rate=1e-2",
               "--warmup_frac=0.1", "--embedding_warmup_frac=0.1"]
 

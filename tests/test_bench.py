@@ -88,4 +88,8 @@ def test_memory_model_counts_what_train_py_keeps():
     assert ddp == 18 * m["n_params"]  # and autocast's bf16 copies of the weights
     assert fsdp == 2 * m["n_params"] + m["largest_group"] * 8 + m["block_params"] * 2
     assert 0 < m["checkpointed_activation_bytes_per_token"] < m["activation_bytes_per_token"]
-    assert bench.bytes_per_gpu(m, "ddp", 8, True, 100) - ddp == 100 * m["checkpointed_activation_bytes_per_token"]
+    loss_chunk = m["loss_chunk_tokens"] * m["loss_bytes_per_token"]  # the logits of one chunk of positions at most
+    assert bench.bytes_per_gpu(m, "ddp", 8, True, 100) - ddp == 100 * (m["checkpointed_activation_bytes_per_token"]
+                                                                       + m["loss_bytes_per_token"])
+    assert bench.bytes_per_gpu(m, "ddp", 8, True, 10**5) - ddp == 10**5 * m["checkpointed_activation_bytes_per_token"] \
+        + loss_chunk

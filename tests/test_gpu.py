@@ -26,7 +26,10 @@ def torchrun(argv, nproc=1):
 
 def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
     """Ours in bf16 on the GPU (SDPA: flash attention) strays from the fp32 reference no more than transformers'
-    own bf16 model does (eager attention), beyond a bf16 rounding step."""
+    own bf16 model does, beyond a bf16 rounding step; its argmax is fp32's wherever fp32's top-1 margin exceeds twice
+    transformers' bf16 error (gpu_check.bf16_agreement: a random model's near ties left out)."""
+    from gpu_check import bf16_agreement
+
     ref = hf_neox(hidden_size=128, num_attention_heads=2)
     ref.save_pretrained(tmp_path)
     idx = torch.randint(0, ref.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
@@ -35,9 +38,10 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(tmp_path):
         ref_bf16 = ref.to(torch.bfloat16)(input_ids=idx).logits.float()
         ours = GPTNeoX.from_pretrained(str(tmp_path), dtype="bfloat16", device="cuda").eval()
         ours_bf16 = ours(idx)[0].float()
-    ours_err, ref_err = (ours_bf16 - exact).abs().max().item(), (ref_bf16 - exact).abs().max().item()
-    assert ours_err <= 2 * ref_err + 1e-2, (ours_err, ref_err)
-    assert (ours_bf16.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
+    f = bf16_agreement(exact, ours_bf16, ref_bf16)
+    assert f["max_err"] <= 2 * f["reference_max_err"] + 1e-2, f
+    assert f["rel_err"] <= 2 * f["reference_rel_err"] + 1e-3, f
+    assert f["decided_positions"] > 0 and f["decided_agreement"] == 1.0, f
 
 
 def test_inductor_across_the_switch_matches_eager(corpus, tmp_path):

@@ -35,6 +35,17 @@ def test_make_eval_writes_beside_the_model_folder():
         assert "--output out/run/eval.json" in "\n".join(make_n("eval", f"MODEL={model}"))
 
 
+def test_without_a_venv_the_machines_python3_runs_the_targets():
+    """A GPU machine gets the checkout without .venv: the targets fall back to its own python3."""
+    def dry(*args):
+        r = subprocess.run(["make", "-n", *args], cwd=ROOT, text=True, capture_output=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert dry("gpu-check", "VENV=/nonexistent", "OUT=/tmp/x").strip() == "python3 gpu_check.py --out /tmp/x"
+    assert dry("test-gpu", "VENV=/nonexistent").strip() == "python3 -m pytest -q -m gpu tests"
+
+
 def test_make_test_says_why_a_test_skipped(tmp_path):
     """make test runs pytest with the repository's pytest.ini, whose -rs lists each skip with its reason (the GPU
     tests on a machine without one)."""

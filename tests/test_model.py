@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import hf_neox, make_hub_cache, run_py
 
 from common import UserError
@@ -17,7 +18,7 @@ def compare(ours, ref, vocab_size, T=37, B=3, seed=1):
     targets = torch.randint(0, vocab_size, (B, T), generator=g)
     targets[0, :5] = -100
     with torch.no_grad():
-        logits, loss = ours(idx, targets)
+        logits, loss = ours(idx)[0], ours(idx, targets)[1]
         out = ref(input_ids=idx)
         ref_loss = torch.nn.functional.cross_entropy(out.logits.view(-1, vocab_size), targets.view(-1), ignore_index=-100)
     assert logits.shape == (B, T, vocab_size)
@@ -216,3 +217,37 @@ def test_bad_inputs(tmp_path, tiny_hf_dir):
         GPTNeoX.from_pretrained(str(tmp_path / "trunc"))
     with pytest.raises(UserError, match="no such directory"):
         GPTNeoX.from_pretrained(str(tmp_path / "does-not-exist"))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_training_loss_in_chunks_equals_the_full_logits_loss_and_holds_no_full_logits(monkeypatch, family):
+    """With targets the head computes the loss chunk by chunk (model.Head): the loss and every gradient equal
+    cross-entropy over the full logits, and nothing the backward keeps has a row per position and a column per token
+    beyond one chunk's."""
+    import model as model_module
+    from conftest import hf_llama
+    from model import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    V, B, T, chunk = 1001, 3, 37, 16
+    ours = GPTNeoX(GPTNeoXConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, intermediate_size=64)) \
+        if family == "gpt_neox" else Llama(LlamaConfig.from_hf(hf_llama("llama", vocab_size=V).config.to_dict()))
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    targets[0, :5] = -100
+
+    full = F.cross_entropy(ours(idx)[0].view(-1, V), targets.view(-1), ignore_index=-100)
+    full.backward()
+    want = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_TOKENS", chunk)  # 111 positions: 7 chunks, the last one short
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        logits, loss = ours(idx, targets)
+    loss.backward()
+    assert logits is None
+    torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-6)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert not [s for s in saved if len(s) and s[-1] == V and s.numel() > chunk * V]  # no (B, T, V) or (B * T, V) kept

@@ -230,6 +230,40 @@ def test_peak_flops_for_the_runs_dtype():
     assert train.peak_flops("NVIDIA A10", "float16") == 125e12 and train.peak_flops("Some CPU", "float32") == 0.0
 
 
+def test_peak_flops_card_names_as_cuda_reports_them():
+    """torch.cuda.get_device_name's names, each its own card and form factor: a PCIe or NVL card is not the SXM one,
+    and no name is read as another it contains (L4 in L40, A10 in A10G)."""
+    bf16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+            "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-40GB": 312e12,
+            "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+            "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10G": 70e12,
+            "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3090": 71e12,
+            "NVIDIA RTX A6000": 0.0, "NVIDIA L20": 0.0, "NVIDIA H20": 0.0}
+    assert {name: train.peak_flops(name, "bfloat16") for name in bf16} == bf16
+    assert train.card("NVIDIA H100 PCIe") == ("H100", "PCIe") and train.card("NVIDIA L40") == ("L40", "")
+    assert train.peak_flops("NVIDIA H100 NVL", "float32") == 417.5e12
+
+
+def test_compile_follows_the_device_unless_given(corpus, tmp_path):
+    """compile='auto' (the default) compiles on a GPU only; an explicit value wins; anything else is refused."""
+    assert train.parse_config([]).compile == "auto"
+    assert not train.setup_processes(train.parse_config(["--device=cpu"])).compile
+    assert train.setup_processes(train.parse_config(["--device=cpu", "--compile=True"])).compile is True
+    with pytest.raises(UserError, match="compile='yes', expected one of auto, True, False"):
+        train.parse_config(["--compile=yes"])
+
+
+def test_float16_resume_of_a_float32_run(corpus, tmp_path):
+    """dtype may change on resume: a float32 run saved an empty GradScaler state, from which a float16 resume starts
+    its scale afresh (and trains: its steps are finite)."""
+    run_args = args(corpus, tmp_path, "--max_iters=2", "--eval_interval=2", "--export_hf=False")
+    train.main(run_args)
+    train.main([*run_args, "--init_from=resume", "--max_iters=4", "--dtype=float16"])
+    steps = [m for m in metrics(tmp_path) if "lr" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in steps)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["scaler"]["scale"] > 0
+
+
 def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
     """DDP on CPU (gloo) through train_variable_bs.py, whose embedding phase accumulates 1 micro-batch, fewer than
     the processes: each runs one (a step of 2 x 1 sequences). Ranks stay identical through the switch, and the run
@@ -543,7 +577,7 @@ def test_help_lists_every_key_with_its_default_and_comment():
             line = next((line for line in r.stdout.splitlines() if line.startswith(f"  --{f.name}=")), None)
             assert line is not None, f.name
             for said in (f.metadata["help"], *(f.metadata["choices"] or ())):
-                assert said in line, (f.name, said)
+                assert str(said) in line, (f.name, said)
         if defaults:
             assert "  --block_size=512" in r.stdout and "# sequences per micro-batch per process" in r.stdout
             assert "\n# system\n" in r.stdout
@@ -566,3 +600,74 @@ def test_print_needs_names_the_model_and_data_the_run_reads():
     assert r.stdout.splitlines() == ["init_from=out/pythia-410m-clp-german", "data_dir=/elsewhere"]
     r = run_py(["train.py", "--print_needs", "--data_dri=x"])
     assert r.returncode == 1 and r.stderr.startswith("error: --data_dri=x: unknown config key"), r.stderr
+
+
+def test_a_steps_loss_is_read_once_the_next_step_is_queued(corpus, tmp_path, monkeypatch):
+    """The host never waits for a step before queueing the next: step N's loss is read (end_step) after step N+1's
+    train_step, except where the loop needs it at once (an evaluation and checkpoint, the phase switch, the end)."""
+    order, train_step, end_step = [], train.train_step, train.end_step
+
+    def queue(*a, **kw):
+        order.append("queue")
+        return train_step(*a, **kw)
+
+    def end(run, queued, bar):
+        order.append(f"end {queued.step}")
+        return end_step(run, queued, bar)
+
+    monkeypatch.setattr(train, "train_step", queue)
+    monkeypatch.setattr(train, "end_step", end)
+    train.main(args(corpus, tmp_path, "--max_iters=7", "--eval_interval=3", "--embedding_tuning_frac=0.3"))
+    # embedding phase: steps 1..3 (3: the switch, an evaluation); full phase: 4..7 (6: an evaluation; 7: the end)
+    assert order == ["queue", "queue", "end 1", "queue", "end 2", "end 3", "queue", "queue", "end 4", "queue",
+                     "end 5", "end 6", "queue", "end 7"]
+    assert [m["step"] for m in metrics(tmp_path) if "lr" in m] == list(range(1, 8))
+
+
+def test_a_nonfinite_step_changes_nothing_and_is_not_waited_for():
+    """train_step with a non-finite loss: weights and AdamW state (moments, step counts) stay as they were, decided
+    on the device (the fused kernel's found_inf), and the loss comes back as a tensor, unread."""
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=8))
+    cfg = train.TrainConfig()
+    optimizer = train.configure_optimizer(model, cfg, "cpu")
+    scaler, rt = torch.amp.GradScaler("cpu", enabled=False), train.Runtime()
+    x = torch.randint(0, 64, (2, 9))
+    batch = [(x[:, :-1], x[:, 1:])]
+    assert torch.isfinite(train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    forward = model.forward
+    model.forward = lambda idx, targets=None: (None, forward(idx, targets)[1] * float("nan"))
+    loss = train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt)
+    assert torch.is_tensor(loss) and torch.isnan(loss)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in optimizer.state[p].items()), n
+    model.forward = forward
+    train.train_step(model, model, optimizer, scaler, batch, 1e-3, 1.0, rt)
+    assert not torch.equal(model.embed_out.weight, weights["embed_out.weight"])
+    assert all(s["step"] == 2 for s in optimizer.state.values())
+
+
+def test_cuda_rng_state_is_the_runs_devices(monkeypatch, tmp_path):
+    """A single process on cuda:1 saves and restores cuda:1's RNG state, not cuda:0's (torch.cuda's default). The
+    CUDA calls are stood in for: this runs without a GPU."""
+    from types import SimpleNamespace
+
+    saved, restored = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved.append(device) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    monkeypatch.setattr(train, "save_checkpoint", lambda out_dir, training, *a, **kw: checkpoints.append(training))
+    checkpoints = []
+    model = GPTNeoX(GPTNeoXConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=8))
+    cfg, rt = train.TrainConfig(out_dir=str(tmp_path)), train.Runtime(device="cuda:1")
+    optimizer, scaler = train.configure_optimizer(model, cfg, "cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    phase = train.Phase("full", 1, 1, 8, 1e-3, "cosine")
+    run = SimpleNamespace(cfg=cfg, rt=rt, model=model, optimizer=optimizer, scaler=scaler, tokenizer_dir="",
+                          phase=phase, phases=[phase], planned_for=1, data_record={}, state=train.TrainState())
+    train.Run.checkpoint(run)
+    assert saved == ["cuda:1"] and torch.equal(checkpoints[0]["rng"]["cuda"], torch.ones(3))
+    checkpoint = SimpleNamespace(training=checkpoints[0], sharded=False, optimizer=optimizer.state_dict())
+    train.restore_training(checkpoint, model, optimizer, scaler, [run.phase], cfg, rt)
+    assert [device for device, _ in restored] == ["cuda:1"]
