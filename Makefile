@@ -1,7 +1,7 @@
 # The project's commands. Set-up: `make install`, then `make test`.
 #
 # The study's pipeline, each step a file target (a finished step is not redone):
-#   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
+#   make init      CLP: $(SOURCE_MODEL)'s body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it
@@ -12,10 +12,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
+# Any source model.py loads: Pythia (GPT-NeoX) or the Llama family, e.g. SOURCE_MODEL=Qwen/Qwen2.5-0.5B or
+# meta-llama/Llama-3.2-1B (-> out/Qwen2.5-0.5B-clp-german, out/Llama-3.2-1B-clp-german)
 SOURCE_MODEL ?= EleutherAI/pythia-410m
 HELPER_MODEL ?= malteos/gpt2-wechsel-german-ds-meg
-INIT_DIR ?= out/pythia-410m-clp-german
-RANDOM_INIT_DIR ?= out/pythia-410m-small_init-german
+INIT_DIR ?= out/$(notdir $(SOURCE_MODEL))-clp-german
+RANDOM_INIT_DIR ?= out/$(notdir $(SOURCE_MODEL))-small_init-german
 
 # German OSCAR 23.01, deduplicated and filtered (CC0, parquet): the first $(DATA_MB) MiB of documents -> train, the
 # next 10% -> validation. A local copy instead: make data DATA_SOURCE='/data/oscar_de/*.parquet' (or .jsonl, .txt).
