@@ -6,7 +6,8 @@
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
-#   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute; DEMO=init: the initialisations compared)
+#   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute; DEMO=init: the initialisations compared;
+#                  ARCH=llama: Llama-shaped models)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv
@@ -33,6 +34,7 @@ PARALLELISM ?=
 MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
+ARCH ?= gpt_neox
 
 .PHONY: install test test-gpu test-slurm init init-random data train eval demo bench
 
@@ -86,7 +88,7 @@ eval:
 	$(PY) eval.py --model $(MODEL) --tasks $(TASKS) --output $(dir $(patsubst %/,%,$(MODEL)))eval.json $(ARGS)
 
 demo:
-	$(PY) demo.py --mode $(DEMO)
+	$(PY) demo.py --mode $(DEMO) --arch $(ARCH)
 
 bench:
 	$(PY) bench.py $(ARGS)
