@@ -89,3 +89,13 @@ def test_make_init_from_a_modern_source_offline(source, qwen_tokenizer, llama3_t
     ids = torch.tensor([[464, 3290, 318, 257, 1332, 13]])  # GPT-2 ids: "The dog is a test."
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_make_test_says_why_a_test_skipped(tmp_path):
+    """make test runs pytest with the repository's pytest.ini, whose -rs lists each skip with its reason (the GPU
+    tests on a machine without one)."""
+    assert f"{sys.executable} -m pytest -q tests" in make_n("test")
+    (tmp_path / "test_skips.py").write_text("import pytest\n\n\ndef test_gpu():\n    pytest.skip('no CUDA device')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", f"{ROOT}/pytest.ini", "--rootdir", str(tmp_path),
+                        str(tmp_path / "test_skips.py")], cwd=ROOT, text=True, capture_output=True)
+    assert r.returncode == 0 and "SKIPPED [1] " in r.stdout and ": no CUDA device" in r.stdout, r.stdout
