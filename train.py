@@ -1,7 +1,7 @@
 """
-Pre-train a model of any family model.py loads (GPT-NeoX, the Llama family) progressively: an optional embedding phase (transformer frozen, only the token embeddings train,
-at their own learning rate, schedule and batch size), then the full model. One process, or DDP or FSDP2
-(parallelism='fsdp') under torchrun.
+Pre-train a model of any family model.py loads (GPT-NeoX, the Llama family) progressively: an optional embedding
+phase (transformer frozen, only the token embeddings train, at their own learning rate, schedule and batch size), then
+the full model. One process, or DDP or FSDP2 (parallelism='fsdp') under torchrun.
 
     python train.py config/oscar_de_embedding_tuning.py --max_iters=1000
     torchrun --standalone --nproc_per_node=8 train.py config/oscar_de_embedding_tuning.py
@@ -39,7 +39,8 @@ from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_
                     write_json)
 from configurator import option
 from data import Blocks, check_data_fingerprint, check_tokenizer, data_fingerprint, load_meta
-from model import FAMILIES, CausalLM, GPTNeoXConfig, LlamaConfig, config_from_dict, config_from_hf, model_from_config
+from model import (FAMILIES, CausalLM, GPTNeoXConfig, LlamaConfig, config_from_dict, config_from_hf,
+                   model_from_config)
 
 # -----------------------------------------------------------------------------
 # configuration: defaults <- config files <- --key=value

@@ -134,7 +134,8 @@ def test_quick_llama_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# CLP-Transfer at toy scale (quick demo, Llama-shaped models)")
-    for model, heads in (("source/hf", (2, 1)), ("helper/hf", (1, 1)), ("init-clp", (2, 1)), ("runs/clp_et/hf", (2, 1))):
+    for model, heads in (("source/hf", (2, 1)), ("helper/hf", (1, 1)), ("init-clp", (2, 1)),
+                         ("runs/clp_et/hf", (2, 1))):
         c = json.loads((tmp_path / model / "config.json").read_text())
         assert (c["architectures"], c["tie_word_embeddings"], c["num_attention_heads"], c["num_key_value_heads"]) \
             == (["LlamaForCausalLM"], True, *heads), model

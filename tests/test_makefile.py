@@ -41,8 +41,8 @@ def test_make_eval_writes_beside_the_model_folder():
 def test_make_train_builds_a_modern_sources_init():
     """The embedding-tuning regime from Qwen2.5-0.5B: make train with SOURCE_MODEL builds that source's CLP init
     (out/<name>-clp-german) before training; the default source's names are unchanged."""
-    qwen = "\n".join(make_n("train", "CONFIG=config/oscar_de_embedding_tuning_qwen.py", "SOURCE_MODEL=Qwen/Qwen2.5-0.5B",
-                            "DATA_DIR=/nonexistent"))
+    qwen = "\n".join(make_n("train", "CONFIG=config/oscar_de_embedding_tuning_qwen.py",
+                            "SOURCE_MODEL=Qwen/Qwen2.5-0.5B", "DATA_DIR=/nonexistent"))
     assert "--source_model_name_or_path Qwen/Qwen2.5-0.5B" in qwen
     assert "--target_model_path out/Qwen2.5-0.5B-clp-german" in qwen
     assert "train.py config/oscar_de_embedding_tuning_qwen.py" in qwen
@@ -83,7 +83,8 @@ def test_make_init_from_a_modern_source_offline(source, qwen_tokenizer, llama3_t
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "clp_report.json").read_text())
     ours = CausalLM.from_pretrained(str(out)).eval()
-    assert (ours.config.model_type, ours.tied, ours.config.vocab_size) == (model_type, True, report["target_vocab_size"])
+    assert (ours.config.model_type, ours.tied, ours.config.vocab_size) == (model_type, True,
+                                                                           report["target_vocab_size"])
     assert report["target_vocab_size"] >= 50257 and report["shared_tokens"] > 30_000, report
     ref = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[464, 3290, 318, 257, 1332, 13]])  # GPT-2 ids: "The dog is a test."
