@@ -1,23 +1,25 @@
 # The project's commands. Set-up: `make install`, then `make test`.
 #
 # The study's pipeline, each step a file target (a finished step is not redone):
-#   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
+#   make init      CLP: $(SOURCE_MODEL)'s body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
 #   make demo      the whole study at toy scale on a CPU (DEMO=quick: about 80 seconds, offline; DEMO=init: the
-#                  initialisations compared)
+#                  initialisations compared; ARCH=llama: Llama-shaped models)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv
 # the project's .venv, else the machine's own python3 (a GPU machine with its packages installed, and no .venv)
 PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 
+# Any source model.py loads: Pythia (GPT-NeoX) or the Llama family, e.g. SOURCE_MODEL=Qwen/Qwen2.5-0.5B or
+# meta-llama/Llama-3.2-1B (-> out/Qwen2.5-0.5B-clp-german, out/Llama-3.2-1B-clp-german)
 SOURCE_MODEL ?= EleutherAI/pythia-410m
 HELPER_MODEL ?= malteos/gpt2-wechsel-german-ds-meg
-INIT_DIR ?= out/pythia-410m-clp-german
-RANDOM_INIT_DIR ?= out/pythia-410m-small_init-german
+INIT_DIR ?= out/$(notdir $(SOURCE_MODEL))-clp-german
+RANDOM_INIT_DIR ?= out/$(notdir $(SOURCE_MODEL))-small_init-german
 
 # German OSCAR 23.01, deduplicated and filtered (CC0, parquet): the first $(DATA_MB) MiB of documents -> train, the
 # next 10% -> validation. A local copy instead: make data DATA_SOURCE='/data/oscar_de/*.parquet' (or .jsonl, .txt).
@@ -33,6 +35,7 @@ PARALLELISM ?=
 MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
+ARCH ?= gpt_neox
 
 
 .PHONY: install test test-gpu gpu-check test-slurm init init-random data train eval demo bench
@@ -91,7 +94,7 @@ eval:
 	$(PY) eval.py --model $(MODEL) --tasks $(TASKS) --output $(dir $(patsubst %/,%,$(MODEL)))eval.json $(ARGS)
 
 demo:
-	$(PY) demo.py --mode $(DEMO)
+	$(PY) demo.py --mode $(DEMO) --arch $(ARCH)
 
 bench:
 	$(PY) bench.py $(ARGS)

@@ -4,6 +4,8 @@ machine. Prints a table and writes out/bench/bench.json (ratios > 1: ours faster
 
     train_vs_hf_tokens_per_s     train.py's training step against transformers' GPTNeoXForCausalLM with a plain AdamW
                                  loop (same model, batch, sequence length, dtype, optimizer), CPU fp32 and bf16
+    train_vs_hf_tokens_per_s_llama   the same for the Llama family: a tied Llama with grouped-query attention and
+                                 SwiGLU against transformers' LlamaForCausalLM of that shape
     embedding_vs_full_*          one optimizer step of the embedding phase (transformer frozen) against one of the
                                  full phase at a Pythia-160m shape, beside what their FLOPs and bytes predict
     clp_speedup_vs_loop          clp.py against the original per-token loop (re-implemented here, timed on a subset
@@ -17,8 +19,9 @@ machine. Prints a table and writes out/bench/bench.json (ratios > 1: ours faster
     fsdp_vs_ddp_peak_memory_per_rank  train.py's FSDP against its DDP, 2 CPU processes (gloo), Pythia-160m shape,
                                  fp32 AdamW: the largest per-rank peak RSS of the training steps (lower: FSDP leaner)
 
-    what_fits                    for Pythia 410m to 12b on 80 GB cards: the largest micro-batch per rank under DDP and
-                                 FSDP over 8 GPUs, without and with activation checkpointing (train.py's memory model)
+    what_fits                    for Pythia 410m to 12b, Llama-3.2-1B/3B, Llama-3.1-8B and Qwen2.5-0.5B/1.5B/7B on 80 GB
+                                 cards: the largest micro-batch per rank under DDP and FSDP over 8 GPUs, without and
+                                 with activation checkpointing (train.py's memory model)
 
     python bench.py [--quick] [--only train,phases,clp,data,gpu,fsdp,fits] [--out out/bench]
 """
@@ -43,7 +46,7 @@ import torch
 
 from common import UserError, run_cli, torch_dtype, write_json
 import model as model_module
-from model import GPTNeoX, GPTNeoXConfig
+from model import GPTNeoX, GPTNeoXConfig, Llama, LlamaConfig, config_from_dict, model_from_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "tests", "data")  # the vendored Pythia tokenizer and ELTeC slices: offline
@@ -128,20 +131,31 @@ def train_run_child(data_dir, out_dir, dtype, steps, kw):
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}
 
 def train_vs_hf_child(kw, dtype, steps):
-    """train.py's train_step and transformers' GPTNeoXForCausalLM with a plain AdamW loop (both clipping gradients
-    at 1.0), step by step in alternation on the same batches: each side's fastest step, in tokens/s."""
-    from transformers import GPTNeoXConfig as HFGPTNeoXConfig, GPTNeoXForCausalLM
+    """train.py's train_step and transformers' model of the same family and shape (GPTNeoXForCausalLM, or
+    LlamaForCausalLM for kw's model_type llama) with a plain AdamW loop (both clipping gradients at 1.0), step by
+    step in alternation on the same batches: each side's fastest step, in tokens/s."""
+    import transformers
 
     import train
 
     kw, steps = json.loads(kw), int(steps)
     T, B, V = kw["block_size"], kw["batch_size"], kw["vocab_size"]
     torch.manual_seed(0)
-    ours = GPTNeoX(GPTNeoXConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
-                                 intermediate_size=4 * kw["n_embd"], block_size=T))
-    hf = GPTNeoXForCausalLM(HFGPTNeoXConfig(vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"],
-                                            num_attention_heads=kw["n_head"], intermediate_size=4 * kw["n_embd"],
-                                            rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
+    if kw.get("model_type") == "llama":
+        ours = Llama(LlamaConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_kv_head=kw["n_kv_head"],
+                                 n_embd=kw["n_embd"], intermediate_size=kw["intermediate_size"], block_size=T,
+                                 tie_word_embeddings=kw["tie_word_embeddings"]))
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"], num_attention_heads=kw["n_head"],
+            num_key_value_heads=kw["n_kv_head"], intermediate_size=kw["intermediate_size"],
+            max_position_embeddings=T, tie_word_embeddings=kw["tie_word_embeddings"]))
+    else:
+        ours = GPTNeoX(GPTNeoXConfig(vocab_size=V, n_layer=kw["n_layer"], n_head=kw["n_head"], n_embd=kw["n_embd"],
+                                     intermediate_size=4 * kw["n_embd"], block_size=T))
+        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=V, hidden_size=kw["n_embd"], num_hidden_layers=kw["n_layer"], num_attention_heads=kw["n_head"],
+            intermediate_size=4 * kw["n_embd"], rotary_pct=0.25, max_position_embeddings=T, hidden_act="gelu"))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
     cfg = train.TrainConfig(learning_rate=3e-4, weight_decay=0.1)
     rt = train.Runtime(device="cpu", dtype=dtype)  # one process; autocast for bfloat16
     ours_opt = train.configure_optimizer(ours, cfg=cfg, device_type="cpu")
@@ -181,15 +195,19 @@ def native_bf16_cpu():
         return False
 
 
-def bench_train(work, quick):
+def bench_train(work, quick, family="gpt_neox"):
     """Same model (6 layers, width 512, vocab 8192), batch 8 x 256 tokens, AdamW, gradients clipped at 1.0; fp32 and
-    bf16 autocast. train.py's train_step (its optimizer: the fused AdamW kernel) and transformers'
-    GPTNeoXForCausalLM with torch's default AdamW run in one process, step by step in alternation, on the same
-    batches; each side's fastest step counts (the least disturbed on a shared machine). bf16 only on a CPU with
-    native bf16 (oneDNN's check): elsewhere autocast emulates it about 17x slower than fp32, a quarter of an hour of
-    benchmark that says nothing about training."""
+    bf16 autocast. train.py's train_step (its optimizer: the fused AdamW kernel) and transformers' model of the
+    family (GPTNeoXForCausalLM; for 'llama' LlamaForCausalLM, tied, 8 heads sharing 2 key/value heads, SwiGLU 8/3
+    as wide) with torch's default AdamW run in one process, step by step in alternation, on the same batches; each
+    side's fastest step counts (the least disturbed on a shared machine). bf16 only on a CPU with native bf16
+    (oneDNN's check): elsewhere autocast emulates it about 17x slower than fp32, a quarter of an hour of benchmark
+    that says nothing about training."""
     shape = dict(n_layer=2 if quick else 6, n_head=8, n_embd=256 if quick else 512, vocab_size=8192,
                  block_size=128 if quick else 256, batch_size=8)
+    if family == "llama":
+        shape.update(model_type="llama", n_kv_head=2, intermediate_size=-(-8 * shape["n_embd"] // 3 // 64) * 64,
+                     tie_word_embeddings=True)
     out = {"shape": shape}
     for dtype in ("float32", "bfloat16"):
         if dtype == "bfloat16" and not native_bf16_cpu():
@@ -546,12 +564,27 @@ def fsdp_memory_child(parallelism, shape, steps):
     return None
 
 
-# what fits where: train.py's memory by its own accounting, for the Pythia suite on 80 GB cards
-PYTHIA = {"410m": dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304),
-          "1.4b": dict(n_layer=24, n_head=16, n_embd=2048, vocab_size=50304),
-          "2.8b": dict(n_layer=32, n_head=32, n_embd=2560, vocab_size=50304),
-          "6.9b": dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=50432),
-          "12b": dict(n_layer=36, n_head=40, n_embd=5120, vocab_size=50688)}
+# what fits where: train.py's memory by its own accounting, for the Pythia suite and the Llama-family models people
+# adapt, on 80 GB cards. Each shape is its hub config.json's (hidden_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings) in model.py's names.
+def llama(model_type, n_embd, n_layer, n_head, n_kv_head, intermediate_size, vocab_size, tie_word_embeddings):
+    return dict(model_type=model_type, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                intermediate_size=intermediate_size, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
+
+
+FITS_MODELS = {
+    "pythia-410m": dict(n_layer=24, n_head=16, n_embd=1024, vocab_size=50304),
+    "pythia-1.4b": dict(n_layer=24, n_head=16, n_embd=2048, vocab_size=50304),
+    "pythia-2.8b": dict(n_layer=32, n_head=32, n_embd=2560, vocab_size=50304),
+    "pythia-6.9b": dict(n_layer=32, n_head=32, n_embd=4096, vocab_size=50432),
+    "pythia-12b": dict(n_layer=36, n_head=40, n_embd=5120, vocab_size=50688),
+    "Qwen2.5-0.5B": llama("qwen2", 896, 24, 14, 2, 4864, 151936, True),
+    "Qwen2.5-1.5B": llama("qwen2", 1536, 28, 12, 2, 8960, 151936, True),
+    "Qwen2.5-7B": llama("qwen2", 3584, 28, 28, 4, 18944, 152064, False),
+    "Llama-3.2-1B": llama("llama", 2048, 16, 32, 8, 8192, 128256, True),
+    "Llama-3.2-3B": llama("llama", 3072, 28, 24, 8, 8192, 128256, True),
+    "Llama-3.1-8B": llama("llama", 4096, 32, 32, 8, 14336, 128256, False),
+}
 
 
 class FlashAttentionMemory(torch.autograd.Function):
@@ -566,12 +599,14 @@ class FlashAttentionMemory(torch.autograd.Function):
         return out
 
 
-def flash_attention_memory(q, k, v, is_causal=True):
+def flash_attention_memory(q, k, v, is_causal=True, enable_gqa=False):
+    """(grouped-query attention: k and v keep their n_kv_head heads, as the flash kernel reads them in place)"""
     return FlashAttentionMemory.apply(q, k, v)
 
 
 def memory_model(shape, dtype="bfloat16", block_size=2048):
-    """train.py's training memory, per parameter and per token, from its own code: parameters counted on the meta
+    """train.py's training memory, per parameter and per token, from its own code (any family: `shape` holds model.py
+    config fields, model_type among them; none: GPT-NeoX with a 4x MLP): parameters counted on the meta
     device, the activations autograd saves for backward traced there (at two lengths: the slope is per token), with
     and without activation checkpointing, plus the loss's transient logits (model.Head: one chunk of positions at a
     time, its logits in the compute dtype, their fp32 copy and fp32 gradient). The model is traced in `dtype` (autocast
@@ -581,11 +616,12 @@ def memory_model(shape, dtype="bfloat16", block_size=2048):
     backward)."""
     import train
 
-    config = GPTNeoXConfig(**{"intermediate_size": 4 * shape["n_embd"], **shape}, block_size=block_size)
+    neox_mlp = {} if "model_type" in shape else {"intermediate_size": 4 * shape["n_embd"]}
+    config = config_from_dict({**neox_mlp, **shape, "block_size": block_size})
     per_token = {}
     for checkpointed in (False, True):
         with torch.device("meta"):
-            model = GPTNeoX(config).to(torch_dtype(dtype))
+            model = model_from_config(config).to(torch_dtype(dtype))
         if checkpointed:
             train.apply_activation_checkpointing(model)
         with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", flash_attention_memory):
@@ -617,10 +653,11 @@ def bytes_per_gpu(m, parallelism, world_size, checkpointed, tokens, param_bytes=
 
 
 def what_fits(card_bytes=80e9, world_size=8, block_size=2048, usable=0.9):
-    """For each Pythia size: the largest micro-batch (sequences of block_size) one rank fits in `usable` of a card,
-    under DDP and under FSDP over world_size GPUs, without and with activation checkpointing (0: does not fit)."""
+    """For each model of FITS_MODELS: the largest micro-batch (sequences of block_size) one rank fits in `usable` of a
+    card, under DDP and under FSDP over world_size GPUs, without and with activation checkpointing (0: does not fit).
+    A tied model's one embedding matrix is one FSDP group with the head (train.apply_fsdp)."""
     rows = {}
-    for name, shape in PYTHIA.items():
+    for name, shape in FITS_MODELS.items():
         m = memory_model(shape, block_size=block_size)
         fits = {}
         for parallelism in ("ddp", "fsdp"):
@@ -688,6 +725,10 @@ def main(argv=None):
             print("train step: train.py against transformers + AdamW ...", flush=True)
             result["train"] = bench_train(work, args.quick)
             result["train_vs_hf_tokens_per_s"] = {d: result["train"][d]["ratio"] for d in ("float32", "bfloat16")}
+            print("train step, Llama family: train.py against transformers' LlamaForCausalLM + AdamW ...", flush=True)
+            result["train_llama"] = bench_train(work, args.quick, family="llama")
+            result["train_vs_hf_tokens_per_s_llama"] = {d: result["train_llama"][d]["ratio"]
+                                                        for d in ("float32", "bfloat16")}
         if "phases" in parts:
             print("embedding phase against full phase ...", flush=True)
             ph = result["phases"] = bench_phases(work, args.quick)
@@ -734,13 +775,13 @@ def table(r):
     def row(name, value, detail=""):
         lines.append(f"{name:<44} {value:>10}  {detail}")
 
-    if "train" in r:
-        for d in ("float32", "bfloat16"):
-            t = r["train"][d]
+    for part, key in (("train", "train_vs_hf_tokens_per_s"), ("train_llama", "train_vs_hf_tokens_per_s_llama")):
+        for d in ("float32", "bfloat16") if part in r else ():
+            t = r[part][d]
             if t["ratio"] is None:
-                row(f"train_vs_hf_tokens_per_s ({d})", "null", t["skipped"])
+                row(f"{key} ({d})", "null", t["skipped"])
                 continue
-            row(f"train_vs_hf_tokens_per_s ({d})", f"{t['ratio']:.2f}",
+            row(f"{key} ({d})", f"{t['ratio']:.2f}",
                 f"ours {t['ours_tokens_per_s']:,.0f} tok/s, transformers {t['hf_tokens_per_s']:,.0f} tok/s")
     if "phases" in r:
         ph = r["phases"]
@@ -788,7 +829,7 @@ def table(r):
             f"{f['fsdp']['tokens_per_s']:,.0f} against {f['ddp']['tokens_per_s']:,.0f} tok/s (2 ranks, 1 x 128 tokens "
             "each; gloo on CPU: no floor)")
     for name, m in r.get("what_fits", {}).items():
-        row(f"what_fits pythia-{name}", f"{m['n_params'] / 1e9:.2f}B",
+        row(f"what_fits {name}", f"{m['n_params'] / 1e9:.2f}B",
             "max micro-batch x 2048 per 80 GB rank: " + ", ".join(f"{k} {v}" for k, v in m["max_micro_batch"].items()))
     return "\n".join(lines)
 

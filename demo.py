@@ -20,6 +20,11 @@ writes report-init.md and ppl_curves-init.png.
 
 Each finished stage is kept: a rerun skips it (a training run that was interrupted resumes from its checkpoint).
 
+`--arch llama` (make demo ARCH=llama) runs any mode with Llama-shaped models instead of GPT-NeoX ones: the source and
+the helper are Llamas (RMSNorm, SwiGLU, full rotary, half as many key/value heads as query heads, one tied matrix
+for the embedding and the head), and so every German target built from the source; the data and tokenizers are the
+same. Its stages go to their own directory (out/demo-llama, out/demo-quick-llama).
+
 `make demo DEMO=study` (DEMO=study-quick: its small size; docs/study.md) answers the study's own two questions with
 error bars: every regime it compared, at three seeds or more (--seeds), on one German budget (--tokens) from the
 demo's source, helper and initialisations, and which differences exceed the seeds' spread: report-study.md and
@@ -132,6 +137,17 @@ MODES["study"] = dict(MODES["default"], variants=STUDY_REGIMES, out="out/demo", 
 MODES["study-quick"] = dict(MODES["quick"], variants=STUDY_REGIMES, out="out/demo-quick", suffix="-study",
                             study=dict(tokens=10_240, target=["--eval_interval=2"]))
 SHARED = ("variants", "out", "suffix", "study")  # mode keys that are not sizes: modes of one size share their stages
+# --arch: the family of the source and the helper (train.py's scratch keys), hence of every German target
+ARCHS = ("gpt_neox", "llama")
+
+
+def arch_args(arch, name, mode):
+    """train.py's extra arguments for the source or helper of `arch`: a Llama with n_head // 2 key/value heads (at
+    least one) and tied embeddings, as Llama-3.2 and Qwen2.5's small models are."""
+    if arch == "gpt_neox":
+        return []
+    n_head = trainer.parse_config([config_path(name), *mode[name]]).n_head
+    return ["--model_type=llama", f"--n_kv_head={max(1, n_head // 2)}", "--tie_word_embeddings=True"]
 
 
 def claim_out(out, mode_name, mode):
@@ -270,7 +286,7 @@ def tokens_to_reach(curve, target):
     return None
 
 
-def report(out, mode_name, variants=VARIANTS, suffix=""):
+def report(out, mode_name, variants=VARIANTS, suffix="", arch="gpt_neox"):
     rows, curves = [], {}
     block = read_json(os.path.join(out, "runs", variants[0][0], "config.json"))["block_size"]
     for name, label, init, _, _ in variants:
@@ -284,7 +300,8 @@ def report(out, mode_name, variants=VARIANTS, suffix=""):
                          train_seconds=sum(p["seconds"] for p in summary["phases"].values()),
                          peak_mb=summary["peak_rss_mb"], tokens=summary["tokens"]))
     scratch_final = rows[0]["curve"][-1][1]
-    lines = [f"# CLP-Transfer at toy scale ({mode_name} demo)", "",
+    shape = "" if arch == "gpt_neox" else ", Llama-shaped models"
+    lines = [f"# CLP-Transfer at toy scale ({mode_name} demo{shape})", "",
              f"German targets trained on {rows[0]['tokens']:,} tokens of ELTeC novels each. Perplexity on the held-out "
              "German novel slices: word perplexity and bits per byte from eval.py (tokenizer-independent); the "
              "validation curve is token perplexity on the first validation batches (every German variant shares the "
@@ -754,7 +771,10 @@ def study(out, mode, mode_name, plan, regimes, seeds, tokens):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=MODES, default="default")
-    p.add_argument("--out", help="output directory (default out/demo; out/demo-quick for the quick modes)")
+    p.add_argument("--arch", choices=ARCHS, default="gpt_neox", help="the models' family (llama: Llama-shaped "
+                   "source, helper and targets)")
+    p.add_argument("--out", help="output directory (default out/demo; out/demo-quick for the quick modes; "
+                   "-llama after either for --arch llama)")
     p.add_argument("--eltec_dir", default=os.environ.get("ELTEC_DIR"),
                    help="a local copy of the ELTeC files (eng/ and deu/ folders; default $ELTEC_DIR); else download "
                         "them (the quick modes: read the slices vendored in tests/data/eltec)")
@@ -764,9 +784,10 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, help="study modes: German tokens per run (default: " + ", ".join(
         f"{name} {m['study']['tokens']:,}" for name, m in MODES.items() if "study" in m) + ")")
     args = p.parse_args(argv)
-    mode = MODES[args.mode]
-    out = os.path.abspath(args.out or mode.get("out") or ("out/demo" if args.mode == "default" else
-                                                          f"out/demo-{args.mode}"))
+    mode = dict(MODES[args.mode], **({} if args.arch == "gpt_neox" else {"arch": args.arch}))  # stages of another
+    # arch are not this one's (claim_out); GPT-NeoX's sizes are those of the directories made before --arch existed
+    out = (mode.get("out") or ("out/demo" if args.mode == "default" else f"out/demo-{args.mode}"))
+    out = os.path.abspath(args.out or out + ("" if args.arch == "gpt_neox" else f"-{args.arch}"))
     variants = mode.get("variants", VARIANTS)
     if "study" in mode:  # the plan is checked before anything runs
         regimes, seeds, tokens = study_options(args, mode)
@@ -781,7 +802,8 @@ def main(argv=None):
 
     prepare_data(out, mode, mode_novels(args.mode, args.eltec_dir))
     for name, lang in (("source", "eng"), ("helper", "deu")):
-        train(out, name, "train.py", [config_path(name), f"--data_dir={out}/data-{lang}", *mode[name]])
+        train(out, name, "train.py", [config_path(name), f"--data_dir={out}/data-{lang}", *mode[name],
+                                      *arch_args(args.arch, name, mode)])
 
     for init, (description, options) in INITS.items():
         if any(v[2] == init for v in variants) and not stage(
@@ -795,7 +817,7 @@ def main(argv=None):
         for name, _, init, script, extra in variants:
             train(os.path.join(out, "runs"), name, script, target_args(out, mode, init, extra))
         print("== evaluation and report")
-        report(out, args.mode, variants, mode.get("suffix", ""))
+        report(out, args.mode, variants, mode.get("suffix", ""), args.arch)
     print(f"report: {os.path.join(out, 'report' + mode.get('suffix', '') + '.md')} ({time.time() - t0:.0f} s)")
 
 

@@ -352,8 +352,8 @@ def apply_rotary(x, cos, sin):
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 tables, applied in the activations' dtype
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotated if x_pass.shape[-1] == 0 else torch.cat((rotated, x_pass), dim=-1)  # full rotary: no copy
 
 
 def causal_attention(q, k, v, window=None):

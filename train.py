@@ -1,7 +1,7 @@
 """
-Pre-train a GPT-NeoX progressively: an optional embedding phase (transformer frozen, only the token embeddings train,
-at their own learning rate, schedule and batch size), then the full model. One process, or DDP or FSDP2
-(parallelism='fsdp') under torchrun.
+Pre-train a model of any family model.py loads (GPT-NeoX, the Llama family) progressively: an optional embedding
+phase (transformer frozen, only the token embeddings train, at their own learning rate, schedule and batch size), then
+the full model. One process, or DDP or FSDP2 (parallelism='fsdp') under torchrun.
 
     python train.py config/oscar_de_embedding_tuning.py --max_iters=1000
     torchrun --standalone --nproc_per_node=8 train.py config/oscar_de_embedding_tuning.py
@@ -40,7 +40,8 @@ from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_
                     write_errors, write_json)
 from configurator import option
 from data import Blocks, check_data_fingerprint, check_tokenizer, data_fingerprint, load_meta
-from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
+from model import (FAMILIES, CausalLM, GPTNeoXConfig, LlamaConfig, config_from_dict, config_from_hf,
+                   model_from_config)
 
 # -----------------------------------------------------------------------------
 # configuration: defaults <- config files <- --key=value
@@ -105,11 +106,15 @@ class TrainConfig:
 
     vocab_size: int = option(0, group="model for init_from='scratch' (vocab_size 0: the data's vocabulary padded to "
                                       "a multiple of 128)")
+    model_type: str = option("gpt_neox", "the family and its HF model_type", choices=tuple(FAMILIES))
     n_layer: int = option(6)
     n_head: int = option(8)
+    n_kv_head: int = option(0, "Llama family: key/value heads (grouped-query attention); 0: n_head")
     n_embd: int = option(512)
-    intermediate_size: int = option(0, "0: 4 * n_embd")
-    rotary_pct: float = option(0.25)
+    intermediate_size: int = option(0, "0: 4 * n_embd (GPT-NeoX), 8/3 * n_embd rounded up to 64 (Llama family)")
+    rotary_pct: float = option(0.25, "GPT-NeoX: the rotary share of each head (the Llama family rotates all of it)")
+    rope_theta: float = option(10000.0, "Llama family: the rotary base (GPT-NeoX: rotary_emb_base, fixed at 10000)")
+    tie_word_embeddings: bool = option(False, "Llama family: the output head shares the input embedding")
 
     device: str = option("auto", "auto | cpu | cuda | cuda:N", group="system")
     dtype: str = option("auto", "auto: bfloat16 on a GPU that has it, else float32",
@@ -196,7 +201,7 @@ def check_config(cfg):
         if getattr(cfg, key) <= 0:
             bad(key, "a positive integer")
     for key in ("embedding_batch_size", "embedding_gradient_accumulation_steps", "max_iters", "max_tokens",
-                "vocab_size", "intermediate_size"):
+                "vocab_size", "intermediate_size", "n_kv_head"):
         if getattr(cfg, key) < 0:
             bad(key, "a positive integer (0: not set)")
     if cfg.epochs < 0 or (cfg.epochs == 0 and not (cfg.max_iters or cfg.max_tokens)):
@@ -675,12 +680,20 @@ def model_source(cfg, meta, checkpoint):
 
 
 def scratch_config(cfg, meta):
-    """init_from='scratch': a GPT-NeoX of the config's size over the data's vocabulary (padded to a multiple of 128)."""
-    return GPTNeoXConfig(vocab_size=cfg.vocab_size or round_up(meta["vocab_size"]), n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd,
-                         intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd, rotary_pct=cfg.rotary_pct,
-                         block_size=cfg.block_size, bos_token_id=meta["eos_token_id"],
-                         eos_token_id=meta["eos_token_id"])
+    """init_from='scratch': a model of the config's family and size over the data's vocabulary (padded to a multiple
+    of 128), its bos and eos the data's (a tokenizer that adds no BOS: eos, as Pythia's)."""
+    shape = dict(vocab_size=cfg.vocab_size or round_up(meta["vocab_size"]), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                 n_embd=cfg.n_embd, block_size=cfg.block_size, eos_token_id=meta["eos_token_id"],
+                 bos_token_id=meta.get("framing", {}).get("bos_token_id") or meta["eos_token_id"])
+    try:
+        if cfg.model_type == "gpt_neox":
+            return GPTNeoXConfig(**shape, intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd,
+                                 rotary_pct=cfg.rotary_pct)
+        return LlamaConfig(**shape, model_type=cfg.model_type, n_kv_head=cfg.n_kv_head or cfg.n_head,
+                           intermediate_size=cfg.intermediate_size or round_up(8 * cfg.n_embd // 3, 64),
+                           rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings)
+    except UserError as e:
+        raise UserError(f"init_from=scratch, model_type={cfg.model_type}: {e}") from None
 
 
 def empty_model(model_config, cfg, rt):
@@ -1241,19 +1254,24 @@ def apply_fsdp(model, dtype):
     left. The output head stays unsharded from its forward to its backward, which follows at once: one all-gather
     of the largest group a step fewer, as torchtitan does (a forward without a backward must then reshard it:
     `reshard`).
+    A tied model (Llama-3.2, Qwen2.5 and smaller: the head is the input embedding) keeps its one matrix in one group
+    with the final norm and the head, unsharded from the lookup to the backward: one parameter, one gradient summed
+    from both uses, one reduce-scatter, one optimizer state.
     Frozen and trainable parameters may share a group: FSDP2 follows each parameter's requires_grad at every step
     and reduces only the gradients that exist. bf16 runs compute in bf16 and reduce gradients in fp32; the sharded
     master weights and the optimizer state stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if model.tied:
-        raise UserError("parallelism='fsdp' needs untied input and output embeddings (as every Pythia model has)")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \
         else MixedPrecisionPolicy()
     for block in model.blocks():
         fully_shard(block, mp_policy=mp)
-    fully_shard(model.input_embeddings(), mp_policy=mp)
-    fully_shard([model.final_norm(), model.output_embeddings()], mp_policy=mp, reshard_after_forward=False)
+    head = [model.final_norm(), model.output_embeddings()]
+    if model.tied:
+        head.insert(0, model.input_embeddings())
+    else:
+        fully_shard(model.input_embeddings(), mp_policy=mp)
+    fully_shard(head, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mp_policy=mp)
 
 

@@ -93,3 +93,25 @@ def test_memory_model_counts_what_train_py_keeps():
                                                                        + m["loss_bytes_per_token"])
     assert bench.bytes_per_gpu(m, "ddp", 8, True, 10**5) - ddp == 10**5 * m["checkpointed_activation_bytes_per_token"] \
         + loss_chunk
+
+
+def test_memory_model_knows_the_llama_family():
+    """The memory model builds any family: a tied GQA Llama counts its one embedding matrix once (and as the largest
+    FSDP group with the head), its key/value heads keep a quarter of the query heads' activations; the real shapes
+    of FITS_MODELS have their published parameter counts."""
+    from model import Llama, LlamaConfig
+
+    shape = dict(model_type="llama", n_layer=2, n_head=4, n_kv_head=1, n_embd=64, intermediate_size=160,
+                 vocab_size=1024, tie_word_embeddings=True)
+    m = bench.memory_model(shape, block_size=64)
+    model = Llama(LlamaConfig(**shape))
+    assert m["n_params"] == sum(p.numel() for p in model.parameters()) == 2 * (64 * 64 * 2 + 2 * 64 * 16 + 3 * 64
+                                                                                * 160 + 2 * 64) + 64 + 1024 * 64
+    assert m["largest_group"] == 1024 * 64
+    mha = bench.memory_model(dict(shape, n_kv_head=4), block_size=64)
+    assert 0 < m["activation_bytes_per_token"] < mha["activation_bytes_per_token"]
+    published = {"Qwen2.5-0.5B": 494_032_768, "Qwen2.5-1.5B": 1_543_714_304, "Qwen2.5-7B": 7_615_616_512,
+                 "Llama-3.2-1B": 1_235_814_400, "Llama-3.2-3B": 3_212_749_824, "Llama-3.1-8B": 8_030_261_248}
+    for name, n in published.items():
+        with torch.device("meta"):
+            assert sum(p.numel() for p in Llama(LlamaConfig(**bench.FITS_MODELS[name])).parameters()) == n, name

@@ -125,6 +125,33 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (tmp_path / "report-study.md").read_text() == report
 
 
+def test_quick_llama_demo_end_to_end(tmp_path):
+    """make demo DEMO=quick ARCH=llama: the same pipeline with a Llama-shaped source and helper (GQA, SwiGLU, tied),
+    so every German start is one (CLP keeps the tied matrix tied), each trains and evaluates, and CLP with the
+    fallback ends below training from scratch."""
+    offline = {"ELTEC_DIR": "", "DATA_URL_CACHE": str(tmp_path / "no-downloads")}
+    r = run_py(["demo.py", "--mode", "quick", "--arch", "llama", "--out", str(tmp_path)], env=offline, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# CLP-Transfer at toy scale (quick demo, Llama-shaped models)")
+    for model, heads in (("source/hf", (2, 1)), ("helper/hf", (1, 1)), ("init-clp", (2, 1)),
+                         ("runs/clp_et/hf", (2, 1))):
+        c = json.loads((tmp_path / model / "config.json").read_text())
+        assert (c["architectures"], c["tie_word_embeddings"], c["num_attention_heads"], c["num_key_value_heads"]) \
+            == (["LlamaForCausalLM"], True, *heads), model
+    finals = {}
+    for name, label, *_ in demo.VARIANTS:
+        assert f"| {label} |" in report
+        curve = [json.loads(line)["val_ppl"] for line in open(tmp_path / "runs" / name / "metrics.jsonl")
+                 if "val_ppl" in line]
+        curve = [math.inf if p is None else p for p in curve]
+        assert curve[-1] < curve[0] / 2, (name, curve)
+        finals[name] = curve[-1]
+    assert finals["clp_guarded"] < 0.9 * finals["scratch"], finals
+    frozen = json.loads((tmp_path / "runs" / "clp_et" / "summary.json").read_text())["phases"]
+    assert list(frozen) == ["embedding", "full"]
+
+
 def test_the_quick_modes_read_only_the_vendored_slices_and_the_docstring_times_are_the_readmes():
     """DEMO=quick, init-quick and study-quick on a fresh clone, ELTEC_DIR unset: every novel they read is a vendored
     slice (no URL: nothing to download); the default size reads the pinned URLs. demo.py's docstring and the
