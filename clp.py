@@ -910,8 +910,10 @@ def extend_tokenizer(source_tok, target_tok, n_new, source_name="source tokenize
             new.append(token)
             new_merges.append((left, right))
     if len(new) < n_new:
-        raise UserError(f"--target_vocab_size {n_new}: {target_name} has only {len(new)} tokens the source lacks "
+        raise UserError(f"--extend {n_new}: {target_name} has only {len(new)} tokens the source lacks "
                         "that its merges can form from the source's tokens; ask for at most that many")
+    # an added token outside the model's vocabulary takes the id after it when loaded: pinned to its own id there
+    vocab.update({t["content"]: t["id"] for t in spec["added_tokens"] if t["content"] not in vocab})
     vocab.update({token: first_id + i for i, token in enumerate(new)})
     merges += new_merges
     spec["model"]["merges"] = [list(m) for m in merges]
