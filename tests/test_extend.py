@@ -5,6 +5,7 @@ against the formula; the source rows bit for bit; transformers loads the result;
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -205,3 +206,92 @@ def test_extend_cli_and_bad_input(tiny, tmp_path):
         with pytest.raises(UserError, match=message):
             apply_clp(str(source), str(helper), str(tmp_path / "bad"), **bad)
         assert not (tmp_path / "bad").exists()
+
+
+# -----------------------------------------------------------------------------
+# train.py train_new_rows_only: the embedding phase trains the appended rows alone
+
+
+@pytest.fixture(scope="module")
+def extended_run(tiny):
+    """An --extend init (mean, 150 tokens appended to the English BPE's 1024) and German token files made with its
+    tokenizer: (init dir, data dir, first appended id)."""
+    import data
+
+    source, helper, _, root = tiny
+    init, texts = root / "ext-init", root / "ext-texts"
+    _, _, report = apply_clp(str(source), method="mean", target_tokenizer=str(helper), target_model_path=str(init),
+                             extend=150)
+    texts.mkdir()
+    docs = [text[start:start + 10_000] for text in eltec_texts("deu", limit_chars=40_000) for start in range(0, 40_000,
+                                                                                                     10_000)]
+    for i, doc in enumerate(docs):
+        (texts / f"{i}.txt").write_text(doc)
+    data.prepare([str(texts / "*.txt")], str(root / "ext-data"), str(init), subsample_size_mb=0.08, valid_percent=20,
+                 progress=False)
+    return init, root / "ext-data", report["extend"]["first_appended_id"]
+
+
+def new_rows_args(extended_run, out, *extra):
+    from conftest import TINY_TRAIN
+
+    init, data_dir, _ = extended_run
+    return [f"--data_dir={data_dir}", f"--init_from={init}", f"--out_dir={out}", *TINY_TRAIN, "--max_iters=4",
+            "--eval_interval=2", "--embedding_tuning_frac=1.0", "--train_new_rows_only=True", "--weight_decay=0.1",
+            *extra]
+
+
+def check_frozen_rows(extended_run, out, body_frozen=True):
+    """The source rows of both matrices bit-identical to the init's, every appended row trained."""
+    from conftest import weights
+
+    init, _, first = extended_run
+    before, after = safetensors_state(init), weights(out)
+    for key in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+        assert torch.equal(after[key][:first], before[key][:first]), key
+        assert (after[key][first:first + 150] != before[key][first:first + 150]).any(1).all(), key
+    if body_frozen:
+        assert all(torch.equal(after[k], before[k]) for k in before if "embed" not in k)
+
+
+def test_new_rows_only_one_process_then_everything_trains(extended_run, tmp_path):
+    import train
+
+    train.main(new_rows_args(extended_run, tmp_path / "new"))
+    check_frozen_rows(extended_run, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["train_new_rows_only"] is True
+    # then the full phase: the source rows train too (the group decays as every matrix does)
+    train.main(new_rows_args(extended_run, tmp_path / "both", "--embedding_tuning_frac=0.5"))
+    from conftest import weights
+
+    init, _, first = extended_run
+    assert not torch.equal(weights(tmp_path / "both")["gpt_neox.embed_in.weight"][:first],
+                           safetensors_state(init)["gpt_neox.embed_in.weight"][:first])
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_new_rows_only_two_processes(extended_run, tmp_path, parallelism):
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                *new_rows_args(extended_run, tmp_path / "run", f"--parallelism={parallelism}")],
+               env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_frozen_rows(extended_run, tmp_path / "run")
+
+
+def test_new_rows_only_bad_input(extended_run, tiny, tmp_path, eltec_tokenizers):
+    import data
+    import train
+
+    init, data_dir, _ = extended_run
+    source, unreported = tiny[0], tmp_path / "no-report"
+    shutil.copytree(init, unreported, ignore=shutil.ignore_patterns("clp_report.json"))
+    with pytest.raises(UserError, match="no-report/clp_report.json does not record extend.source_ids"):
+        train.main(new_rows_args(extended_run, tmp_path / "a", f"--init_from={unreported}"))
+    with pytest.raises(UserError, match="train_new_rows_only=True applies to the embedding phase"):
+        train.main(new_rows_args(extended_run, tmp_path / "b", "--embedding_tuning_frac=0"))
+    # the extended model with data made by the source's (unextended) tokenizer
+    data.prepare([str(tiny[3] / "ext-texts" / f"{i}.txt") for i in range(4)], str(tmp_path / "eng-data"),
+                 str(source), subsample_size_mb=0.02, valid_percent=20, progress=False)
+    with pytest.raises(UserError, match="eng-data"):
+        train.main(new_rows_args(extended_run, tmp_path / "c", f"--data_dir={tmp_path / 'eng-data'}"))
+    assert not (tmp_path / "c").exists() or not os.listdir(tmp_path / "c")
