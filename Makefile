@@ -2,6 +2,7 @@
 #
 # The study's pipeline, each step a file target (a finished step is not redone):
 #   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
+#   make init-extend  extension: Pythia-410m keeps its tokenizer, $(EXTEND) German tokens appended -> $(EXTEND_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it
@@ -16,6 +17,8 @@ SOURCE_MODEL ?= EleutherAI/pythia-410m
 HELPER_MODEL ?= malteos/gpt2-wechsel-german-ds-meg
 INIT_DIR ?= out/pythia-410m-clp-german
 RANDOM_INIT_DIR ?= out/pythia-410m-small_init-german
+EXTEND ?= 8000
+EXTEND_DIR ?= out/pythia-410m-extend-german
 
 # German OSCAR 23.01, deduplicated and filtered (CC0, parquet): the first $(DATA_MB) MiB of documents -> train, the
 # next 10% -> validation. A local copy instead: make data DATA_SOURCE='/data/oscar_de/*.parquet' (or .jsonl, .txt).
@@ -32,7 +35,7 @@ MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
 
-.PHONY: install test test-gpu test-slurm init init-random data train eval demo bench
+.PHONY: install test test-gpu test-slurm init init-random init-extend data train eval demo bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +61,11 @@ $(RANDOM_INIT_DIR)/config.json:
 	$(PY) clp.py apply_clp --source_model_name_or_path $(SOURCE_MODEL) \
 	    --helper_model_name_or_path $(HELPER_MODEL) --target_model_path $(RANDOM_INIT_DIR) \
 	    --random_init --random_init_method small_init
+
+init-extend: $(EXTEND_DIR)/config.json
+$(EXTEND_DIR)/config.json:
+	$(PY) clp.py apply_clp --source_model_name_or_path $(SOURCE_MODEL) \
+	    --helper_model_name_or_path $(HELPER_MODEL) --target_model_path $(EXTEND_DIR) --extend $(EXTEND)
 
 data: $(DATA_DIR)/meta.json
 $(DATA_DIR)/meta.json:

@@ -114,7 +114,7 @@ EXTEND_VARIANTS = [
 ]
 MODES["extend"] = dict(MODES["default"], variants=EXTEND_VARIANTS, out="out/demo", suffix="-extend", extend=2048)
 MODES["extend-quick"] = dict(MODES["quick"], variants=EXTEND_VARIANTS, out="out/demo-quick", suffix="-extend",
-                             extend=256)
+                             extend=512)
 DATA_OF_INIT = {"init-extend": "data-deu-extend"}  # German token files of an init whose tokenizer is not the helper's
 
 # DEMO=study: the regimes the study compared, each at several seeds, on one German budget from the same source body,

@@ -49,9 +49,9 @@ def german_bpe():
 
 @pytest.fixture(scope="module")
 def texts():
-    german = [t[:2000] for t in eltec_texts("deu", "test", limit_chars=20_000)] or [
-        t[-2000:] for t in eltec_texts("deu", limit_chars=200_000)]
-    return german, [t[:2000] for t in eltec_texts("eng", limit_chars=20_000)]
+    """Held-out German and English: 2,000-character pieces of the validation novels' slices."""
+    pieces = lambda lang: [t[i:i + 2000] for t in eltec_texts(lang, "valid", 10_000) for i in range(0, 10_000, 2000)]  # noqa
+    return pieces("deu"), pieces("eng")
 
 
 @pytest.mark.parametrize("family", ["pythia", "llama3", "qwen"])
@@ -184,6 +184,15 @@ def test_extended_model_rows_by_method(tiny):
         pieces = src_tok.encode(text, add_special_tokens=False).ids
         torch.testing.assert_close(fvt_in[n_src + i], E_in[pieces].mean(0))
     assert torch.equal(fvt_in[:n_src], E_in[:n_src]) and fvt_report["fvt"]["split_byte_by_byte"] == partial
+
+    # a tied source: one matrix, its source rows kept, the head the same tensor in transformers
+    tied = root / "tied"
+    hf_neox(vocab_size=n_src, tie_word_embeddings=True).save_pretrained(tied)
+    save_tokenizer(str(source), str(tied))
+    tied_in, tied_out, _ = apply_clp(str(tied), str(helper), str(root / "tied-target"), extend=100)
+    assert tied_out is None and torch.equal(tied_in[:n_src], safetensors_state(tied)["gpt_neox.embed_in.weight"])
+    model = AutoModelForCausalLM.from_pretrained(root / "tied-target")
+    assert torch.equal(model.get_output_embeddings().weight, tied_in)
 
 
 def test_extend_cli_and_bad_input(tiny, tmp_path):
