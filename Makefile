@@ -2,7 +2,7 @@
 #
 # The study's pipeline, each step a file target (a finished step is not redone):
 #   make init      CLP: Pythia-410m's body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
-#   make init-extend  extension: Pythia-410m keeps its tokenizer, $(EXTEND) German tokens appended -> $(EXTEND_DIR)
+#   make init-extend  Pythia-410m keeps its tokenizer, $(EXTEND) German tokens appended -> $(EXTEND_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it

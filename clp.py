@@ -933,8 +933,8 @@ def extend_vocabulary(source, helper, opts):
     also has (by the bytes they stand for) are the anchors CLP averages, the appended ids are new. The target's
     helper rows (for CLP) are the helper's, moved to the extended ids. Returns (the target ModelInput, the Match,
     the report's `extend` entry)."""
-    tok, new, first_id, n_merges = extend_tokenizer(source.tokenizer, helper.tokenizer, opts.extend, source.tokenizer_path,
-                                          helper.tokenizer_path)
+    tok, new, first_id, n_merges = extend_tokenizer(source.tokenizer, helper.tokenizer, opts.extend,
+                                                    source.tokenizer_path, helper.tokenizer_path)
     source_ids, helper_ids, _ = match_vocabularies(source.vocab, helper.vocab, source.token_bytes,
                                                    helper.token_bytes)
     anchors = dict(zip(source_ids.tolist(), helper_ids.tolist()))  # source id -> a helper id with its bytes

@@ -148,7 +148,8 @@ MODES["study"] = dict(MODES["default"], variants=STUDY_REGIMES, out="out/demo", 
                       study=dict(tokens=250_000, target=["--eval_interval=10"]))
 MODES["study-quick"] = dict(MODES["quick"], variants=STUDY_REGIMES, out="out/demo-quick", suffix="-study",
                             study=dict(tokens=10_240, target=["--eval_interval=2"]))
-SHARED = ("variants", "out", "suffix", "study", "extend")  # mode keys that are not sizes: modes of one size share their stages
+# mode keys that are not sizes: modes of one size share their stages
+SHARED = ("variants", "out", "suffix", "study", "extend")
 
 
 def claim_out(out, mode_name, mode):
@@ -354,7 +355,8 @@ def extend_report(out, mode_name, variants, suffix):
              f"replacement by the German helper's vocabulary; every German run trains on {tokens:,} tokens with a "
              "10% embedding phase. Bits per byte and word perplexity from eval.py on the held-out novel slices, "
              "each model with its own tokenizer.", "",
-             "German held-out text, tokens per word:", "", "| tokenizer | vocabulary | tokens per word |", "|---|---|---|"]
+             "German held-out text, tokens per word:", "", "| tokenizer | vocabulary | tokens per word |",
+             "|---|---|---|"]
     for name, path in tokenizers.items():
         lines.append(f"| {name} | {load_tokenizer(path).get_vocab_size():,} | {fert[name]['tokens_per_word']:.3f} |")
     lines += ["", "| model | German bits/byte (start → after) | German word ppl after | English bits/byte "

@@ -35,9 +35,12 @@ def check_extended(source, extended, new, first_id, german, english):
             source.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
     for text in german:
         assert len(extended.encode(text).ids) < len(source.encode(text).ids)
-    tokens = lambda tok, texts: sum(len(e.ids) for e in tok.encode_batch(texts))  # noqa: E731
-    assert tokens(extended, german) < 0.98 * tokens(source, german)
-    assert tokens(extended, english) <= tokens(source, english) * 1.001
+    assert count_tokens(extended, german) < 0.98 * count_tokens(source, german)
+    assert count_tokens(extended, english) <= count_tokens(source, english) * 1.001
+
+
+def count_tokens(tok, texts):
+    return sum(len(e.ids) for e in tok.encode_batch(texts))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,9 @@ def german_bpe():
 @pytest.fixture(scope="module")
 def texts():
     """Held-out German and English: 2,000-character pieces of the validation novels' slices."""
-    pieces = lambda lang: [t[i:i + 2000] for t in eltec_texts(lang, "valid", 10_000) for i in range(0, 10_000, 2000)]  # noqa
+    def pieces(lang):
+        return [t[i:i + 2000] for t in eltec_texts(lang, "valid", 10_000) for i in range(0, 10_000, 2000)]
+
     return pieces("deu"), pieces("eng")
 
 
