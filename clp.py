@@ -29,6 +29,10 @@ A helper special token (bos, eos, pad, unk) the source lacks takes the source ro
 same role, if it has one. The target has the helper tokenizer's rows rounded up to a multiple
 of 128; rows no token produces (padding) hold the mean of the shared source rows: an average token, never an outlier.
 
+With `--extend N` the target keeps the source's tokenizer instead (every token at its id) and appends the helper
+tokenizer's N most useful tokens it lacks (extend_tokenizer); only their rows are initialised, by the same methods,
+and every source row is copied bit for bit (train.py's train_new_rows_only then trains those rows alone first).
+
 `apply_clp` reads each input once (a ModelInput), matches the vocabularies (a Match), initialises each matrix with
 its initialiser, reports and writes. An initialiser is one function, (matrices, match, source tokenizer, target
 tokenizer, helper rows, options) -> (rows, report entries); `--method` picks one from METHODS (a new method is an
@@ -1073,7 +1077,8 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
     rows, entries = initialise(source, target, match, opts)
     report = build_report(opts, source, target, match, entries)
     if extension:
-        report.update(helper_vocab_size=len(helper.vocab), extend=extension)
+        report.update(helper_vocab_size=len(helper.vocab), extend=extension,
+                      shared_fraction=round(len(match.shared_source) / len(helper.vocab), 6))
     report["seconds"] = round(time.time() - started, 2)
     if opts.target_model_path:
         write_target(opts.target_model_path, source, target, rows, report, started)

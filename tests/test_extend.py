@@ -283,6 +283,26 @@ def test_new_rows_only_one_process_then_everything_trains(extended_run, tmp_path
                            safetensors_state(init)["gpt_neox.embed_in.weight"][:first])
 
 
+def test_new_rows_only_resumes_exactly(extended_run, tmp_path, monkeypatch):
+    """Stopped by SIGTERM inside the new-rows phase and resumed (the first appended id from the checkpoint, the
+    init's report gone): the same weights as an uninterrupted run, the source rows still the init's."""
+    from conftest import stop_by_sigterm_while_reading, weights
+
+    import train
+
+    init, _, first = extended_run
+    moved = tmp_path / "init"
+    shutil.copytree(init, moved)
+    run_args = new_rows_args(extended_run, tmp_path / "stopped", f"--init_from={moved}")
+    stop_by_sigterm_while_reading(monkeypatch, 8, lambda: train.main(run_args))  # during step 2
+    os.remove(moved / "clp_report.json")
+    train.main([*run_args, "--init_from=resume"])
+    train.main(new_rows_args(extended_run, tmp_path / "whole"))
+    check_frozen_rows(extended_run, tmp_path / "stopped")
+    resumed, whole = weights(tmp_path / "stopped"), weights(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_new_rows_only_two_processes(extended_run, tmp_path, parallelism):
     r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -292,7 +312,7 @@ def test_new_rows_only_two_processes(extended_run, tmp_path, parallelism):
     check_frozen_rows(extended_run, tmp_path / "run")
 
 
-def test_new_rows_only_bad_input(extended_run, tiny, tmp_path, eltec_tokenizers):
+def test_new_rows_only_bad_input(extended_run, tiny, tmp_path):
     import data
     import train
 
