@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slurm
 SCRIPT = os.path.join(ROOT, "slurm", "train.sbatch")
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-STEPS = 2000  # 50-100 s of training for three processes on two cores: three Slurm runs or more
+STEPS = 2000  # 50-100 s of training for three processes on two cores: two Slurm runs or more
 
 
 def unavailable(reason):
@@ -187,7 +187,8 @@ LAUNCHERS = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.r
 def runs(slurm, corpus, tmp_path_factory):
     """The tiny run, uninterrupted (one process, and two under torchrun: the references), then as one Slurm job each
     (one and two tasks on the node, gloo), both jobs at once. The references' timings set STOP_MARGIN: each Slurm run
-    trains about a quarter of the run before it is asked to stop (at least 15 s before the time limit)."""
+    trains about a quarter of the run before it is asked to stop (at least 10 s before the time limit). The jobs may
+    train faster than their references did (the references ran side by side), so fewer Slurm runs may be needed."""
     root = tmp_path_factory.mktemp("slurm-runs")
     refs, timing = {}, {}
     for n, launcher in LAUNCHERS.items():
@@ -205,7 +206,7 @@ def runs(slurm, corpus, tmp_path_factory):
         summary = json.loads((root / f"reference-{n}" / "summary.json").read_text())
         train_s = sum(p["seconds"] for p in summary["phases"].values())
         startup_s = timing[n] - train_s  # start, evaluation and export
-        margins[n] = int(min(max(60 - 1.5 * startup_s - train_s / 4, 15), 45))
+        margins[n] = int(min(max(60 - 1.5 * startup_s - train_s / 4, 10), 45))
         out, log = root / f"slurm-{n}", root / f"slurm-{n}.log"
         job_id = submit(slurm, log, ["--time=1", f"--ntasks-per-node={n}", "--cpus-per-task=1"],
                         train_args(corpus, out, *run_args()), STOP_MARGIN=margins[n])
@@ -223,14 +224,18 @@ def test_time_limited_job_requeues_and_ends_as_the_uninterrupted_run(runs, proce
     lines = log_lines(run["log"])
     starts = [line for line in lines if re.match(r"train\.sbatch: job \d+, run \d+", line)]
     continued = [int(m[1]) for line in lines if (m := re.search(r"continuing .* at step (\d+)$", line))]
-    stopped = [int(m[1]) for line in lines if (m := re.match(r"stopped by SIGTERM at step (\d+): checkpoint", line))]
+    # a stop in a step checkpoints that step; one outside the loop (loading, the final evaluation or export) exits
+    # at once, and the next run continues from the last checkpoint on disk
+    stops = [m[1] or "outside" for line in lines
+             if (m := re.match(r"stopped by SIGTERM (?:at step (\d+): checkpoint|outside a training step)", line))]
     report = (f"{processes} process(es), STOP_MARGIN={run['margin']} s, {run['wall']:.0f} s: {len(starts)} Slurm runs,"
-              f" stopped at steps {stopped}, continued from {continued}")
+              f" stopped at {stops}, continued from {continued}")
     print(report)
     assert run["job"]["JobState"] == "COMPLETED" and run["job"]["ExitCode"] == "0:0", (run["job"], lines[-30:])
-    assert len(starts) == int(run["job"]["Restarts"]) + 1 >= 3, report
-    assert stopped == continued == sorted(continued) and len(continued) == len(starts) - 1, report
-    assert lines.count("train.sbatch: stopped by SIGTERM: requeued, the next run continues") == len(stopped)
+    assert len(starts) == int(run["job"]["Restarts"]) + 1 >= 2, report
+    assert len(stops) == len(starts) - 1 and continued == sorted(continued), report
+    assert all(int(s) in continued for s in stops if s != "outside"), report
+    assert lines.count("train.sbatch: stopped by SIGTERM: requeued, the next run continues") == len(stops)
     assert "train.sbatch: the run is finished" in lines
     assert not [line for line in lines if line.startswith("train.sbatch: warning")]
     assert [m["step"] for m in metrics(run["out"]) if "lr" in m] == list(range(1, STEPS + 1))  # each step once
