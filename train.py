@@ -1009,7 +1009,8 @@ class NewRowsOnly:
     there and its update is exactly zero), and AdamW's decoupled weight decay, which would shrink every row, is
     applied by hand to the trained rows only, the group's own decay set to 0 for the phase. In the full phase the
     group decays as every matrix does. `keep` is 1 for a trained row, 0 for a frozen one: a DTensor sharded like
-    its parameter under FSDP, so every operation stays on the local shard."""
+    its parameter under FSDP, so every operation stays on the local shard. (float16: a step the GradScaler skips
+    still decays the trained rows; the frozen ones stay as they are.)"""
 
     def __init__(self, model, first, weight_decay):
         rows = model.input_embeddings().weight.shape[0]
