@@ -7,7 +7,8 @@
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
-#   make demo      the whole study at toy scale on a CPU (DEMO=quick: about a minute; DEMO=init: the initialisations compared)
+#   make demo      the whole study at toy scale on a CPU (DEMO=quick: about 80 seconds, offline; DEMO=init: the
+#                  initialisations compared)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv

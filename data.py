@@ -804,6 +804,46 @@ def load_meta(data_dir):
     return meta
 
 
+def data_fingerprint(data_dir, samples=64, chunk=1 << 16):
+    """What a checkpoint records of the data it trains on, cheap on GBs (at most 2 x samples x chunk bytes read):
+    the token files' sizes, the sha256 of meta.json without its creation time (the same text prepared again is the
+    same data), and one sha256 over both files' sizes and `samples` evenly spaced chunks of each, the first and the
+    last included. Other text tokenized into the same directory changes the sizes, meta.json's counts, or sampled
+    bytes."""
+    meta = read_json(os.path.join(data_dir, "meta.json"))
+    meta.pop("created", None)
+    record = {"meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()}
+    content = hashlib.sha256()
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path)
+        record[f"{split}_bytes"] = size
+        content.update(f"{split}.bin {size}\n".encode())
+        with open(path, "rb") as f:
+            for offset in sorted({(size - chunk) * i // (samples - 1) for i in range(samples)} if size > chunk
+                                 else {0}):
+                f.seek(offset)
+                content.update(f.read(chunk))
+    record["content_sha256"] = content.hexdigest()
+    return record
+
+
+def check_data_fingerprint(saved, now, data_dir, checkpoint_path):
+    """A resumed run reads the data it was trained on (saved: data_fingerprint then, now: today's): the same position
+    in other token files is other blocks, and a validation curve that changes mid-run. Other data is refused in one
+    line."""
+    if now == saved:
+        return
+    differ = [f"{s}.bin {saved[f'{s}_bytes']:,} -> {now[f'{s}_bytes']:,} bytes" for s in ("train", "val")
+              if saved[f"{s}_bytes"] != now[f"{s}_bytes"]]
+    if saved["meta_sha256"] != now["meta_sha256"]:
+        differ.append("meta.json")
+    differ = differ or ["the token files' content"]
+    raise UserError(f"data_dir={data_dir!r} is not the data {checkpoint_path} was trained on ({', '.join(differ)}; "
+                    "prepared again in place?): put that data back to resume, or train on this data in a fresh "
+                    "run (another out_dir, or --override=True)")
+
+
 def check_tokenizer(meta, tokenizer_dir, model_source, data_dir):
     """The model's tokenizer (tokenizer_dir) must be the one the token files were made with, and frame a text as they
     frame each document: a model whose tokenizer adds BOS reads data that starts documents with it, and only such."""

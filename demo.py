@@ -6,8 +6,8 @@ and CLP+ (sparsemax), same budget; the runs it shares with `make demo` are train
 writes report-init.md and ppl_curves-init.png.
 
 1. data: English and German ELTeC novels (config/demo_eltec.tsv: files, sha256, public URLs at pinned commits; with
-   ELTEC_DIR set, a local copy is read instead; --mode quick without it reads the slices of some of them vendored in
-   tests/data/eltec, so it runs offline), a byte-level BPE per language, token files. Validation: the first
+   ELTEC_DIR set, a local copy is read instead; the quick modes without it read the slices of some of them vendored
+   in tests/data/eltec, so they run offline), a byte-level BPE per language, token files. Validation: the first
    characters of each held-out novel (the same slices score every variant below).
 2. pre-train a small English source model and a smaller German helper model from scratch.
 3. initialise German targets from the source: CLP (clp.py, with and without --extrapolation_fallback), the
@@ -195,6 +195,15 @@ def novels(eltec_dir, manifest=MANIFEST):
             source = f"{row['url']}#sha256={row['sha256']}"
         out.setdefault((row["lang"], row["split"]), []).append(source)
     return out
+
+
+def mode_novels(mode_name, eltec_dir):
+    """The novels a mode reads: ELTEC_DIR's when set; else the quick modes (quick, init-quick, study-quick,
+    extend-quick) read the slices vendored in tests/data/eltec (offline, on a fresh clone), the others the pinned
+    URLs."""
+    if mode_name.endswith("quick") and not eltec_dir:
+        return novels(SLICES, os.path.join(SLICES, "MANIFEST.tsv"))
+    return novels(eltec_dir)
 
 
 def prepare_data(out, mode, sources):
@@ -845,8 +854,7 @@ def main(argv=None):
     claim_out(out, args.mode, mode)
     t0 = time.time()
 
-    offline = args.mode.endswith("quick") and not args.eltec_dir
-    sources = novels(SLICES, os.path.join(SLICES, "MANIFEST.tsv")) if offline else novels(args.eltec_dir)
+    sources = mode_novels(args.mode, args.eltec_dir)
     prepare_data(out, mode, sources)
     for name, lang in (("source", "eng"), ("helper", "deu")):
         train(out, name, "train.py", [config_path(name), f"--data_dir={out}/data-{lang}", *mode[name]])

@@ -287,6 +287,12 @@ def check_task(t, source):
     if not isinstance(t["labels"], dict) or not t["labels"] or not all(
             isinstance(v, str) and v for v in t["labels"].values()):
         fail("labels must map each label value to a non-empty verbaliser string")
+    first = {}
+    for label, verbaliser in t["labels"].items():  # one verbaliser for two labels: argmax always picks the first
+        if verbaliser in first:
+            fail(f"labels {first[verbaliser]!r} and {label!r} share the verbaliser {verbaliser!r}; every example "
+                 "would be predicted as the first: give each label its own")
+        first[verbaliser] = label
     fields = prompt_fields(t["prompt"], source)
     if ("label" in fields) != (t["scoring"] == "rolling"):
         fail("the prompt must contain {label} exactly when scoring is 'rolling' (the verbaliser goes into the "

@@ -38,7 +38,7 @@ from common import (UserError, atomic_dir, atomic_path, check_device, exp, json_
                     resolve_model_dir, round_up, run_cli, save_tokenizer, tokenizer_file, torch_dtype,
                     write_json)
 from configurator import option
-from data import Blocks, check_tokenizer, load_meta
+from data import Blocks, check_data_fingerprint, check_tokenizer, data_fingerprint, load_meta
 from model import CausalLM, GPTNeoXConfig, config_from_dict, config_from_hf, model_from_config
 
 # -----------------------------------------------------------------------------
@@ -265,10 +265,11 @@ def micro_batches(grad_accum, world_size):
     return max(grad_accum, world_size)
 
 
-def plan_phases(cfg, train_blocks, world_size=1):
+def plan_phases(cfg, train_blocks, world_size=1, embedding_steps=None):
     """Split the run into the embedding phase and the full phase (phase_lengths), each with its batch, peak learning
     rate, warmup and schedule; a phase without steps is left out. 'unified': one warmup and one cosine over the
-    whole run, both phases at learning_rate."""
+    whole run, both phases at learning_rate. embedding_steps: the embedding phase's length is given (a run extended
+    after its switch), the full phase has the rest of the length."""
     unified = cfg.lr_schedule == "unified"
     emb_accum = cfg.embedding_gradient_accumulation_steps or cfg.gradient_accumulation_steps
     emb = Phase("embedding", cfg.embedding_batch_size or cfg.batch_size, micro_batches(emb_accum, world_size),
@@ -276,7 +277,8 @@ def plan_phases(cfg, train_blocks, world_size=1):
                 schedule="cosine" if unified else cfg.embedding_lr_schedule)
     full = Phase("full", cfg.batch_size, micro_batches(cfg.gradient_accumulation_steps, world_size), cfg.block_size,
                  peak_lr=cfg.learning_rate, schedule="cosine" if unified else cfg.lr_schedule)
-    emb.steps, full.steps = phase_lengths(cfg, train_blocks, emb.tokens_per_step, full.tokens_per_step)
+    emb.steps, full.steps = phase_lengths(cfg, train_blocks, emb.tokens_per_step, full.tokens_per_step,
+                                          embedding_steps)
     full.start, total = emb.steps, emb.steps + full.steps
 
     def warmup(w_frac, steps):
@@ -291,14 +293,20 @@ def plan_phases(cfg, train_blocks, world_size=1):
     return [p for p in (emb, full) if p.steps > 0]
 
 
-def phase_lengths(cfg, train_blocks, emb_tokens_per_step, full_tokens_per_step):
+def phase_lengths(cfg, train_blocks, emb_tokens_per_step, full_tokens_per_step, embedding_steps=None):
     """The two phases' optimizer steps. phase_unit='steps': the embedding phase is the first ceil(frac * N) of N
     optimizer steps; 'tokens': it spends frac of the tokens at its own batch size (so a small embedding batch makes
     many steps). max_iters is the number of optimizer steps in either unit; max_tokens and epochs are a token
-    budget, which either unit spends whatever the two phases' batch sizes: to within one step, never more."""
+    budget, which either unit spends whatever the two phases' batch sizes: to within one step, never more. With
+    embedding_steps given, the full phase has what that embedding phase leaves of the length."""
     frac = cfg.embedding_tuning_frac
     budget = cfg.max_tokens or int(cfg.epochs * train_blocks * cfg.block_size)  # tokens
-    if cfg.phase_unit == "steps":
+    if embedding_steps is not None:
+        emb_steps = embedding_steps
+        full_steps = cfg.max_iters - emb_steps if cfg.max_iters else \
+            (budget - emb_steps * emb_tokens_per_step) // full_tokens_per_step
+        full_steps = max(0, full_steps)
+    elif cfg.phase_unit == "steps":
         def spent(n):  # tokens of a run of n steps
             return math.ceil(frac * n) * emb_tokens_per_step + (n - math.ceil(frac * n)) * full_tokens_per_step
 
@@ -325,6 +333,55 @@ def phase_lengths(cfg, train_blocks, emb_tokens_per_step, full_tokens_per_step):
 
 def phase_at(phases, step):
     return next((p for p in phases if p.start <= step < p.end), phases[-1])
+
+
+def resume_phases(cfg, checkpoint, state, train_blocks, world_size):
+    """The plan a resumed run continues, and the number of processes its batches were planned for: the run's
+    batches stay as planned at its start (the checkpoint's plan record), on any number of processes that can share
+    each phase's micro-batches, so a phase keeps its steps and max_tokens holds. The same length keeps the saved
+    phases. Another length re-plans them: before the switch the embedding phase must stay where its steps were
+    taken (check_resume_plan); after it the embedding phase is kept as it was and the full phase has the rest of
+    the new length, its warmup kept and its decay over its new length. A checkpoint without the record (an older
+    train.py) is planned for the processes there are now."""
+    record = checkpoint.training.get("plan")
+    planned_for = record["world_size"] if record else world_size
+    saved = [Phase(**{**p, "span": tuple(p["span"]) if p["span"] else None}) for p in record["phases"]] \
+        if record else None
+    saved_cfg = checkpoint.training["config"]
+    same_length = all(getattr(cfg, k) == saved_cfg[k] for k in ("max_iters", "max_tokens", "epochs"))
+    emb_done = state.phase_stats.get("embedding", {}).get("steps", 0)
+    if saved:
+        emb_end = sum(p.steps for p in saved if p.name == "embedding")
+        switched = any(p.name == "full" for p in saved) and state.step >= emb_end
+    else:
+        emb_end, switched = emb_done, emb_done < state.step
+    if saved and same_length:
+        phases = saved
+    elif switched:
+        phases = plan_phases(cfg, train_blocks, planned_for, embedding_steps=emb_end)
+        if saved:
+            full = next(p for p in phases if p.name == "full")
+            full.warmup = next(p.warmup for p in saved if p.name == "full")
+            phases = [p for p in saved if p.name == "embedding"] + [full]
+    else:
+        phases = plan_phases(cfg, train_blocks, planned_for)
+        check_resume_plan(phases, state, cfg)
+    check_processes_share(phases, state.step, planned_for, world_size, cfg.out_dir)
+    return phases, planned_for
+
+
+def check_processes_share(phases, step, planned_for, world_size, out_dir):
+    """Every phase still to run splits its micro-batches evenly over the processes there are now."""
+    left = [p for p in phases if p.end > step]
+    unshared = next((p for p in left if p.grad_accum % world_size), None)
+    if unshared is None:
+        return
+    common = math.gcd(*(p.grad_accum for p in left))
+    counts = [str(n) for n in range(1, common + 1) if common % n == 0]
+    raise UserError(f"init_from=resume: the batches of {out_dir} were planned for {planned_for} process(es): its "
+                    f"{unshared.name} phase takes {unshared.grad_accum} micro-batch(es) of {unshared.batch_size} "
+                    f"sequences per optimizer step, which {world_size} processes cannot share; resume it on "
+                    f"{' or '.join(counts)} process(es), or start a fresh run")
 
 
 def check_resume_plan(phases, state, cfg):
@@ -399,9 +456,11 @@ class Run:
     scaler: torch.amp.GradScaler
     state: TrainState
     phases: list
+    planned_for: int  # the processes the phases' batches were planned for: the run's first start's
     phase: Phase  # the phase the model is set up for (set_trainable): the last step's, until the switch
     train_data: Blocks
     val_data: Blocks
+    data_record: dict  # what the checkpoints record of the data (data.data_fingerprint)
     metrics: "MetricsLog"
     tokenizer_dir: str  # what the hf/ export copies ('' for none)
     stop: SimpleNamespace  # the stop request (signals_handled)
@@ -423,8 +482,9 @@ class Run:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device_type == "cuda" else None}
         training = {"scaler": self.scaler.state_dict(), "model_config": asdict(self.model.config),
                     "tokenizer_dir": self.tokenizer_dir, "config": asdict(self.cfg), "phase": self.phase.name,
+                    "plan": {"world_size": self.planned_for, "phases": [asdict(p) for p in self.phases]},
                     "new_rows_from": self.new_rows.first if self.new_rows else None,
-                    **asdict(self.state), "rng": rng}
+                    "data": self.data_record, **asdict(self.state), "rng": rng}
         save_checkpoint(self.cfg.out_dir, training, self.model, self.optimizer, sharded=self.cfg.parallelism == "fsdp")
 
     @property
@@ -445,15 +505,20 @@ def start_run(argv, defaults, stop):
     rt = setup_processes(cfg)
     state = TrainState.from_checkpoint(checkpoint) if checkpoint else TrainState()
     meta = load_meta(cfg.data_dir)
-    if checkpoint:
-        check_resume_data(cfg, checkpoint, meta)
     train_data = Blocks(os.path.join(cfg.data_dir, "train.bin"), meta["dtype"], cfg.block_size, cfg.seed, rt.rank,
                         rt.world_size)
     val_data = Blocks(os.path.join(cfg.data_dir, "val.bin"), meta["dtype"], cfg.block_size, None, rt.rank,
                       rt.world_size)
-    phases = plan_phases(cfg, train_data.n_blocks, rt.world_size)
+    data_record = data_fingerprint(cfg.data_dir)
     if checkpoint:
-        check_resume_plan(phases, state, cfg)
+        check_resume_data(cfg, checkpoint, meta, data_record, rt)
+    phases, planned_for = plan_phases(cfg, train_data.n_blocks, rt.world_size), rt.world_size
+    if checkpoint:
+        phases, planned_for = resume_phases(cfg, checkpoint, state, train_data.n_blocks, rt.world_size)
+        if planned_for != rt.world_size and rt.master:
+            print(f"resume: the batches stay as planned for {planned_for} process(es), on {rt.world_size}: "
+                  + ", ".join(f"{p.name} phase {p.grad_accum // rt.world_size} micro-batch(es) of {p.batch_size} "
+                              "per process" for p in phases if p.end > state.step))
         if state.step >= phases[-1].end and not cfg.eval_only and run_is_complete(cfg.out_dir, state.step):
             if rt.master:
                 print(f"nothing to do: {cfg.out_dir} finished at step {state.step} (raise max_iters, max_tokens or "
@@ -476,8 +541,9 @@ def start_run(argv, defaults, stop):
         start_out_dir(cfg, rt, model, model_source, phases, train_data.n_blocks)
     metrics = MetricsLog(cfg, rt.master, resume_step=state.step if checkpoint else None)
     return Run(cfg=cfg, rt=rt, model=model, wrapped=wrap(model, cfg, rt), optimizer=optimizer, scaler=scaler,
-               state=state, phases=phases, phase=phase, train_data=train_data, val_data=val_data, metrics=metrics,
-               tokenizer_dir=tokenizer_dir, stop=stop, new_rows=new_rows)
+               state=state, phases=phases, planned_for=planned_for, phase=phase, train_data=train_data,
+               val_data=val_data, data_record=data_record, metrics=metrics, tokenizer_dir=tokenizer_dir, stop=stop,
+               new_rows=new_rows)
 
 
 def setup_processes(cfg):
@@ -523,13 +589,20 @@ def check_accumulation(cfg, world_size, master):
                   f"step, {world_size} x {batch} sequences")
 
 
-def check_resume_data(cfg, checkpoint, meta):
-    """A resumed run reads data made with its model's tokenizer, as a fresh run must (a tokenizer_dir that is
-    gone is build_model's error)."""
+def check_resume_data(cfg, checkpoint, meta, data_record, rt):
+    """A resumed run reads the data it was trained on (data.check_data_fingerprint), made with its model's
+    tokenizer, as a fresh run must (a tokenizer_dir that is gone is build_model's error). A checkpoint of an older
+    train.py records neither the data nor the processes its batches were planned for: it resumes, said once."""
     tokenizer_dir = checkpoint.training["tokenizer_dir"]
     file = tokenizer_file(tokenizer_dir)
     if file and os.path.isfile(file):
         check_tokenizer(meta, tokenizer_dir, f"{checkpoint.path} (tokenizer {tokenizer_dir})", cfg.data_dir)
+    if "data" in checkpoint.training:
+        check_data_fingerprint(checkpoint.training["data"], data_record, cfg.data_dir, checkpoint.path)
+    elif rt.master:
+        print(f"warning: {checkpoint.path} was written by an older train.py and does not record its data or the "
+              f"processes its batches were planned for: {cfg.data_dir} and these {rt.world_size} process(es) are "
+              "taken as they are (its next checkpoint records both)")
 
 
 def build_model(cfg, meta, checkpoint, rt):

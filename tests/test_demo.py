@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from conftest import ELTEC, run_py
+from conftest import ELTEC, ROOT, run_py
 
 import demo
 import train
@@ -142,6 +142,23 @@ def test_quick_demo_end_to_end(tmp_path):
     again = run_py(["demo.py", "--mode", "study-quick", "--out", str(tmp_path)], env=offline)
     assert again.returncode == 0 and ": running" not in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert (tmp_path / "report-study.md").read_text() == report
+
+
+def test_the_quick_modes_read_only_the_vendored_slices_and_the_docstring_times_are_the_readmes():
+    """DEMO=quick, init-quick and study-quick on a fresh clone, ELTEC_DIR unset: every novel they read is a vendored
+    slice (no URL: nothing to download); the default size reads the pinned URLs. demo.py's docstring and the
+    Makefile give the README's times."""
+    for mode in [m for m in demo.MODES if m.endswith("quick")]:
+        sources = [s for split in demo.mode_novels(mode, None).values() for s in split]
+        assert sources and all(os.path.isfile(s) and os.path.commonpath([s, ELTEC]) == ELTEC for s in sources), mode
+    assert all("://" in s for split in demo.mode_novels("init", None).values() for s in split)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    quick = re.search(r"make demo DEMO=quick +# about (\d+ \w+), offline", readme).group(1)
+    default = re.search(r"make demo +# about (\d+ \w+ on 2 CPU cores)", readme).group(1)
+    assert f"`make demo` (about {default}" in demo.__doc__ and f"`make demo DEMO=quick` (about {quick}" in demo.__doc__
+    with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+        assert f"DEMO=quick: about {quick}, offline" in f.read()
 
 
 def test_tokens_to_reach():

@@ -6,6 +6,7 @@ input."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -371,6 +372,19 @@ def test_bad_input_before_the_model_loads(tiny, tmp_path, monkeypatch, no_model)
 
     p = run_py(["eval.py", *run, "--device", "cuda"], env={"CUDA_VISIBLE_DEVICES": ""})  # the CLI: one line
     assert p.returncode == 1 and p.stderr.startswith("error: --device 'cuda': ") and "Traceback" not in p.stderr
+
+
+def test_a_task_whose_labels_share_a_verbaliser_is_refused(tiny, tmp_path, no_model):
+    """Two labels with one verbaliser score alike on every example, and the argmax picks the first: refused in one
+    line naming the task file and the duplicate, before the model loads."""
+    (tmp_path / "t.jsonl").write_text('{"s": "x", "y": "yes"}\n')
+    task = {"name": "dup", "data": {"test": str(tmp_path / "t.jsonl")}, "label_field": "y",
+            "labels": {"yes": "ja", "maybe": "vielleicht", "no": "ja"}, "prompt": "{s}", "scoring": "loglikelihood"}
+    (tmp_path / "dup.json").write_text(json.dumps(task))
+    refused = (f"{tmp_path / 'dup.json'}: labels 'yes' and 'no' share the verbaliser 'ja'; every example would be "
+               "predicted as the first: give each label its own")
+    with pytest.raises(UserError, match="^" + re.escape(refused) + "$"):
+        ev.main(["--model", str(tiny[0]), "--tasks", str(tmp_path / "dup.json")])
 
 
 def test_a_missing_model_is_reported_before_the_task_data(tmp_path, monkeypatch, no_model):

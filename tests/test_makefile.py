@@ -33,3 +33,13 @@ def test_make_train_builds_what_the_config_names():
 def test_make_eval_writes_beside_the_model_folder():
     for model in ("out/run/hf", "out/run/hf/"):
         assert "--output out/run/eval.json" in "\n".join(make_n("eval", f"MODEL={model}"))
+
+
+def test_make_test_says_why_a_test_skipped(tmp_path):
+    """make test runs pytest with the repository's pytest.ini, whose -rs lists each skip with its reason (the GPU
+    tests on a machine without one)."""
+    assert f"{sys.executable} -m pytest -q tests" in make_n("test")
+    (tmp_path / "test_skips.py").write_text("import pytest\n\n\ndef test_gpu():\n    pytest.skip('no CUDA device')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", f"{ROOT}/pytest.ini", "--rootdir", str(tmp_path),
+                        str(tmp_path / "test_skips.py")], cwd=ROOT, text=True, capture_output=True)
+    assert r.returncode == 0 and "SKIPPED [1] " in r.stdout and ": no CUDA device" in r.stdout, r.stdout

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import data
 import train
+from checkpoint import load_checkpoint
 from common import UserError, save_tokenizer
 from model import GPTNeoX, GPTNeoXConfig
 
@@ -257,6 +258,77 @@ def test_torchrun_two_processes_across_the_switch(corpus, tmp_path):
         torch.testing.assert_close(ddp_w[name], single_w[name], rtol=1e-4, atol=1e-5)
 
 
+STOPPED_UNDER_TORCHRUN = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import data, train
+from common import run_cli
+from train_variable_bs import VARIABLE_BATCH_DEFAULTS
+
+batch = data.Blocks.batch
+
+
+def batch_then_sigterm(self, pos, batch_size):  # every rank reads the step's global position: all stop together
+    if self.shuffle_seed is not None and pos == {pos}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return batch(self, pos, batch_size)
+
+
+data.Blocks.batch = batch_then_sigterm
+run_cli(lambda argv: train.main(argv, defaults=VARIABLE_BATCH_DEFAULTS))
+"""
+
+
+def test_variable_batch_run_resumed_on_another_number_of_processes_keeps_its_plan(corpus, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """train_variable_bs.py on 2 processes (the embedding phase: 1 sequence per process, 2 per step), stopped in
+    the embedding phase and resumed on 1: the batches stay as planned for 2 (2 micro-batches per step on the one
+    process), so the phases keep their steps, the learning rate its curve, max_tokens holds, and the run ends as a
+    single process with that batch from the start ends. A run planned for 1 cannot be shared by 2: refused."""
+    from train_variable_bs import VARIABLE_BATCH_DEFAULTS
+
+    common = args(corpus, tmp_path, "--max_tokens=2560", "--eval_interval=100")
+    driver = tmp_path / "stopped.py"
+    driver.write_text(STOPPED_UNDER_TORCHRUN.format(root=ROOT, pos=2))  # during step 2
+    r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+                *[a.replace(str(tmp_path), str(tmp_path / "resumed")) for a in common]], env={"OMP_NUM_THREADS": "1"})
+    assert "stopped by SIGTERM at step 2" in r.stderr, r.stderr[-3000:]
+    resumed = [a.replace(str(tmp_path), str(tmp_path / "resumed")) for a in common]
+    capsys.readouterr()
+    train.main([*resumed, "--init_from=resume"], defaults=VARIABLE_BATCH_DEFAULTS)
+    assert ("resume: the batches stay as planned for 2 process(es), on 1: embedding phase 2 micro-batch(es) of 1 "
+            "per process, full phase 2 micro-batch(es) of 4 per process") in capsys.readouterr().out
+
+    cfg = train.parse_config(resumed, VARIABLE_BATCH_DEFAULTS)
+    n_blocks = data.Blocks(str(corpus / "data" / "train.bin"), "uint16", 32).n_blocks
+    plan = train.plan_phases(cfg, n_blocks, world_size=2)  # 4 embedding steps of 2 x 32 tokens, 9 full of 256
+    assert [(p.name, p.steps, p.tokens_per_step) for p in plan] == [("embedding", 4, 64), ("full", 9, 256)]
+    log = [m for m in metrics(tmp_path / "resumed") if "lr" in m]
+    assert [m["step"] for m in log] == list(range(1, 14))
+    for m in log:
+        phase = train.phase_at(plan, m["step"] - 1)
+        assert (m["phase"], m["lr"]) == (phase.name, pytest.approx(phase.lr(m["step"] - 1, cfg.min_lr), rel=1e-12))
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["tokens"] == 4 * 64 + 9 * 256 == 2560  # max_tokens, not exceeded
+    assert (summary["phases"]["embedding"]["steps"], summary["phases"]["full"]["steps"]) == (4, 9)
+
+    single = [a.replace(str(tmp_path), str(tmp_path / "single")) for a in common]
+    train.main([*single, "--embedding_gradient_accumulation_steps=2"], defaults=VARIABLE_BATCH_DEFAULTS)
+    single_w = weights(tmp_path / "single")
+    for name, tensor in weights(tmp_path / "resumed").items():
+        torch.testing.assert_close(tensor, single_w[name], rtol=1e-4, atol=1e-5)
+
+    planned_for_1 = [a.replace(str(tmp_path), str(tmp_path / "one")) for a in common]
+    stop_by_sigterm_while_reading(monkeypatch, 2, lambda: train.main(planned_for_1, defaults=VARIABLE_BATCH_DEFAULTS))
+    checkpoint = load_checkpoint(str(tmp_path / "one"))
+    with pytest.raises(UserError, match=re.escape(
+            "the batches of {} were planned for 1 process(es): its embedding phase takes 1 micro-batch(es) of 1 "
+            "sequences per optimizer step, which 2 processes cannot share; resume it on 1 process(es)".format(
+                tmp_path / "one"))):
+        train.resume_phases(train.parse_config(planned_for_1, VARIABLE_BATCH_DEFAULTS), checkpoint,
+                            train.TrainState.from_checkpoint(checkpoint), n_blocks, world_size=2)
+
+
 def test_export_loads_in_transformers(corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -331,8 +403,7 @@ def test_fresh_run_into_a_finished_run_refuses_and_override_replaces_it(corpus, 
 
 def test_resume_refuses_changes_that_corrupt_the_run_and_accepts_a_longer_one(corpus, tmp_path, capsys):
     """Keys that give the saved state its meaning (block_size: the data position counts blocks) are refused with
-    both values; a longer max_iters continues; a length that would move the phase boundary under steps already
-    taken is refused."""
+    both values; a longer max_iters continues."""
     run_args = args(corpus, tmp_path, "--max_iters=4", "--eval_interval=2")
     train.main(run_args)
     with pytest.raises(UserError, match=r"init_from=resume: block_size=16 \(saved: 32\), seed=1 \(saved: 42\) "
@@ -344,11 +415,36 @@ def test_resume_refuses_changes_that_corrupt_the_run_and_accepts_a_longer_one(co
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
-    phased = args(corpus, tmp_path / "phased", "--max_iters=4", "--eval_interval=2", "--embedding_tuning_frac=0.5")
-    train.main(phased)  # embedding steps 0..1: at max_iters=8 they would be 0..3, with steps 2..3 taken in full
-    with pytest.raises(UserError, match="embedding phase would be steps 0..3, but the saved run at step 4 has taken "
-                                        "2 embedding steps"):
-        train.main([*phased, "--init_from=resume", "--max_iters=8"])
+
+
+def test_a_run_extended_after_its_switch_keeps_its_embedding_phase(corpus, tmp_path, monkeypatch, capsys):
+    """12 steps at embedding_tuning_frac=0.25 (embedding steps 0..2), then resumed to 16: ceil(0.25 x 16) = 4 would
+    move the boundary under steps taken in full, so the embedding phase stays as it was and the full phase has the
+    rest: steps 13-16 train in full, its cosine re-planned over its 13 steps (warmup kept), at min_lr at step 16.
+    Before the switch the rule stands: a length whose embedding phase ends before the steps taken is refused."""
+    run_args = args(corpus, tmp_path, "--max_iters=12", "--eval_interval=6", "--embedding_tuning_frac=0.25")
+    train.main(run_args)
+    first = {m["step"]: m for m in metrics(tmp_path) if "lr" in m}
+    capsys.readouterr()
+    train.main([*run_args, "--init_from=resume", "--max_iters=16"])
+    assert "  embedding phase: steps 0..2," in capsys.readouterr().out
+    log = {m["step"]: m for m in metrics(tmp_path) if "lr" in m}
+    assert sorted(log) == list(range(1, 17)) and all(log[s] == first[s] for s in range(1, 13))
+    assert [log[s]["phase"] for s in range(1, 17)] == ["embedding"] * 3 + ["full"] * 13
+    warmup = round(0.1 * 12)  # warmup_frac of the run as it was planned
+    for step in range(13, 17):
+        assert log[step]["lr"] == pytest.approx(expected_lr(step - 1, 3, 13, warmup, 3e-3, 3e-4, "cosine"), rel=1e-12)
+    assert log[13]["lr"] > 2 * 3e-4 and log[16]["lr"] == 3e-4  # the decay starts again and ends at 16
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["phases"]["embedding"]["steps"], summary["phases"]["full"]["steps"]) == (3, 13)
+    plan = torch.load(tmp_path / "ckpt.pt", weights_only=True)["plan"]
+    assert [(p["name"], p["start"], p["steps"]) for p in plan["phases"]] == [("embedding", 0, 3), ("full", 3, 13)]
+
+    before = args(corpus, tmp_path / "before", "--max_iters=8", "--eval_interval=4", "--embedding_tuning_frac=0.5")
+    stop_by_sigterm_while_reading(monkeypatch, 16, lambda: train.main(before))  # stopped after step 3 of 0..3
+    with pytest.raises(UserError, match="embedding phase would be steps 0..1, but the saved run at step 3 has taken "
+                                        "3 embedding steps"):
+        train.main([*before, "--init_from=resume", "--max_iters=4"])
 
 
 def test_resume_refuses_data_made_with_another_tokenizer(corpus, tmp_path, eltec_tokenizers):
@@ -367,6 +463,47 @@ def test_resume_refuses_data_made_with_another_tokenizer(corpus, tmp_path, eltec
                  valid_percent=20, progress=False, override=True)
     with pytest.raises(UserError, match="was tokenized with .* but the model .*ckpt.pt .* has a different tokenizer"):
         train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+
+
+def test_resume_refuses_data_prepared_again_from_other_text(corpus, tmp_path, capsys, eltec_tokenizers):
+    """The checkpoint records its data (sizes, meta.json, sampled content). The same text prepared again into the
+    data directory is the same data and resumes; other text with the same tokenizer is refused in one line naming
+    data_dir and the way out; a checkpoint of an older train.py (no record) resumes, warned once."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(corpus / "data", data_dir)
+    run_args = args(corpus, tmp_path / "run", f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2")
+    train.main(run_args)
+    record = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["data"]
+    assert record == data.data_fingerprint(str(data_dir))
+    assert record["train_bytes"] == (data_dir / "train.bin").stat().st_size
+
+    def prepare(texts):
+        data.prepare([str(texts / "*.txt")], str(data_dir), str(eltec_tokenizers["deu"]), subsample_size_mb=0.25,
+                     valid_percent=20, progress=False, override=True)
+
+    prepare(corpus / "texts")  # the same text again: a new meta.json "created", the same data
+    train.main([*run_args, "--init_from=resume", "--max_iters=4"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(6):  # the same documents in the opposite order: other token files, the same tokenizer
+        shutil.copyfile(corpus / "texts" / f"{5 - i}.txt", other / f"{i}.txt")
+    prepare(other)
+    refused = (f"data_dir='{data_dir}' is not the data {tmp_path / 'run' / 'ckpt.pt'} was trained on (train.bin "
+               f"{record['train_bytes']:,} -> {(data_dir / 'train.bin').stat().st_size:,} bytes")
+    with pytest.raises(UserError, match=re.escape(refused) + r".*put that data back to resume, or train on this data "
+                                                              "in a fresh run"):
+        train.main([*run_args, "--init_from=resume", "--max_iters=6"])
+
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    del ckpt["data"], ckpt["plan"]  # as an older train.py wrote it
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    capsys.readouterr()
+    train.main([*run_args, "--init_from=resume", "--max_iters=6"])
+    assert capsys.readouterr().out.count("was written by an older train.py and does not record its data") == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
 def test_data_framed_otherwise_than_the_models_tokenizer_is_refused(corpus, tmp_path, bos_tokenizer):
