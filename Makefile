@@ -2,6 +2,7 @@
 #
 # The study's pipeline, each step a file target (a finished step is not redone):
 #   make init      CLP: $(SOURCE_MODEL)'s body + the German helper's tokenizer and CLP embeddings -> $(INIT_DIR)
+#   make init-extend  $(SOURCE_MODEL) keeps its tokenizer, $(EXTEND) German tokens appended -> $(EXTEND_DIR)
 #   make data      German OSCAR, tokenized with that tokenizer -> $(DATA_DIR)
 #   make train     train.py $(CONFIG), after the init and data it names (init, init-random, data); NPROC=8: torchrun,
 #                  PARALLELISM=fsdp shards it
@@ -20,6 +21,8 @@ SOURCE_MODEL ?= EleutherAI/pythia-410m
 HELPER_MODEL ?= malteos/gpt2-wechsel-german-ds-meg
 INIT_DIR ?= out/$(notdir $(SOURCE_MODEL))-clp-german
 RANDOM_INIT_DIR ?= out/$(notdir $(SOURCE_MODEL))-small_init-german
+EXTEND ?= 8000
+EXTEND_DIR ?= out/$(notdir $(SOURCE_MODEL))-extend-german
 
 # German OSCAR 23.01, deduplicated and filtered (CC0, parquet): the first $(DATA_MB) MiB of documents -> train, the
 # next 10% -> validation. A local copy instead: make data DATA_SOURCE='/data/oscar_de/*.parquet' (or .jsonl, .txt).
@@ -38,7 +41,7 @@ DEMO ?= default
 ARCH ?= gpt_neox
 
 
-.PHONY: install test test-gpu gpu-check test-slurm init init-random data train eval demo bench
+.PHONY: install test test-gpu gpu-check test-slurm init init-random init-extend data train eval demo bench
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +71,11 @@ $(RANDOM_INIT_DIR)/config.json:
 	$(PY) clp.py apply_clp --source_model_name_or_path $(SOURCE_MODEL) \
 	    --helper_model_name_or_path $(HELPER_MODEL) --target_model_path $(RANDOM_INIT_DIR) \
 	    --random_init --random_init_method small_init
+
+init-extend: $(EXTEND_DIR)/config.json
+$(EXTEND_DIR)/config.json:
+	$(PY) clp.py apply_clp --source_model_name_or_path $(SOURCE_MODEL) \
+	    --helper_model_name_or_path $(HELPER_MODEL) --target_model_path $(EXTEND_DIR) --extend $(EXTEND)
 
 data: $(DATA_DIR)/meta.json
 $(DATA_DIR)/meta.json:

@@ -256,6 +256,8 @@ def check_out_dir(out_dir):
     first checkpoint, an hour in)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir={out_dir!r} is a file, expected a directory (or a path to create one at)")
+    if not os.path.exists(out_dir):
+        _created.add(os.path.realpath(out_dir))
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -280,6 +282,7 @@ def check_apart(out_dir, inputs):
 
 
 _held = {}  # out_dir's real path -> the open lock file: the lock lasts while it is open
+_created = set()  # the out_dirs this process created (check_out_dir): a run refused before writing leaves none
 
 
 def lock_out_dir(out_dir):
@@ -356,13 +359,18 @@ def wait_for_rank0(out_dir, timeout_s):
 
 
 def release_out_dirs():
-    """The locks this process holds (lock_out_dir), released: the run ended."""
+    """The locks this process holds (lock_out_dir), released: the run ended. An out_dir this process created and
+    wrote nothing into (a run refused at its start) is removed with its lock file."""
     while _held:
-        f = _held.popitem()[1]
+        out_dir, f = _held.popitem()
         if not f.closed:
             f.seek(0)
             f.truncate()
             f.close()
+        if out_dir in _created and os.listdir(out_dir) == [LOCK]:
+            os.remove(os.path.join(out_dir, LOCK))
+            os.rmdir(out_dir)
+        _created.discard(out_dir)
 
 
 def replaced_runs(out_dir):

@@ -29,6 +29,10 @@ A helper special token (bos, eos, pad, unk) the source lacks takes the source ro
 same role, if it has one. The target has the helper tokenizer's rows rounded up to a multiple
 of 128; rows no token produces (padding) hold the mean of the shared source rows: an average token, never an outlier.
 
+With `--extend N` the target keeps the source's tokenizer instead (every token at its id) and appends the helper
+tokenizer's N most useful tokens it lacks (extend_tokenizer); only their rows are initialised, by the same methods,
+and every source row is copied bit for bit (train.py's train_new_rows_only then trains those rows alone first).
+
 `apply_clp` reads each input once (a ModelInput), matches the vocabularies (a Match), initialises each matrix with
 its initialiser, reports and writes. An initialiser is one function, (matrices, match, source tokenizer, target
 tokenizer, helper rows, options) -> (rows, report entries); `--method` picks one from METHODS (a new method is an
@@ -606,6 +610,11 @@ class TransferOptions:
                                                "them as extrapolated_rows) average over the positive similarities "
                                                "instead; off by default: the paper's formula as published",
                                         method="clp")
+    extend: int = flag(0, "keep the source's tokenizer (every token at its id) and append this many of the "
+                          "target tokenizer's tokens it lacks, by the target's merge order; only the appended rows "
+                          "are initialised by --method (byte-level BPE tokenizers: GPT-NeoX, Llama-3, Qwen)")
+    fertility_text: str = flag(None, "--extend: a target-language text file; the report gives its tokens per word "
+                                     "under the source and the extended tokenizer")
     chunk_size: int = flag(1024, "new tokens per step (bounds memory)")
     device: str = flag("cpu", "cpu or cuda")
 
@@ -631,6 +640,14 @@ class TransferOptions:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise UserError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(allowed)}")
+        if self.extend < 0:
+            raise UserError(f"extend={self.extend}: expected the number of target tokens to append (0: replace the "
+                            "vocabulary)")
+        if self.extend and self.random_init:
+            raise UserError("--random_init replaces every row; with --extend the source rows stay: use --method mean "
+                            "or fvt for a baseline of the appended rows")
+        if self.fertility_text and not self.extend:
+            raise UserError("--fertility_text applies to --extend only")
         for name in ("top_k", "pad_to_multiple_of", "chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: expected a positive integer")
@@ -840,6 +857,125 @@ def no_shared_tokens(source, helper, opts):
 
 
 # -----------------------------------------------------------------------------
+# extending the source's vocabulary instead of replacing it (--extend)
+
+
+def bpe_spec(tok, name):
+    """The JSON of a byte-level BPE tokenizer, with its merges as (left, right) pairs; a tokenizer of another kind
+    (SentencePiece-style, WordPiece, Unigram) is refused in one line naming it."""
+    spec = json.loads(tok.to_str())
+    model, convention = spec["model"], token_convention(tok)
+    if model["type"] != "BPE" or convention.kind != "byte_level":
+        raise UserError(f"{name}: a {convention.kind} {model['type']} tokenizer; --extend merges byte-level BPE "
+                        "vocabularies (GPT-2, GPT-NeoX/Pythia, Llama-3, Qwen): SentencePiece-style ones are not "
+                        "supported")
+    alphabet = set(byte_level_alphabet())
+    added = {t["content"] for t in spec["added_tokens"]}
+    foreign = next((t for t in model["vocab"] if t not in added and not set(t) <= alphabet), None)
+    if foreign is not None:
+        raise UserError(f"{name}: the token {foreign!r} is not written in the byte-level alphabet (GPT-2's byte "
+                        "table); --extend needs both tokenizers to write bytes the same way")
+    model["merges"] = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return spec
+
+
+def extend_tokenizer(source_tok, target_tok, n_new, source_name="source tokenizer", target_name="target tokenizer"):
+    """The source tokenizer with the target's n_new most useful tokens it lacks appended: every source token keeps
+    its id (added and special tokens included), the new ones take the ids after the source's last, and the merges
+    that make them follow the source's, so the source's merges keep their priority. "Most useful" is the target's
+    own order: its merges by rank, a merge taken when both its parts are in the extended vocabulary already and the
+    source's pre-tokenizer keeps its result whole (a token spanning two of the source's pre-tokens never forms).
+    A target merge whose result the source has by other parts is kept too: it costs no id and lets a longer new
+    token form. Returns (the extended `tokenizers.Tokenizer`, the appended tokens in id order, the first new id,
+    the number of merges appended)."""
+    from tokenizers import Tokenizer
+
+    spec, target = bpe_spec(source_tok, source_name), bpe_spec(target_tok, target_name)
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    first_id = max([*vocab.values(), *(t["id"] for t in spec["added_tokens"])]) + 1
+    known, merge_set, pre = set(vocab), set(merges), source_tok.pre_tokenizer
+    target_added = {t["content"] for t in target["added_tokens"]}
+    new, new_merges = [], []
+    for left, right in tqdm(target["model"]["merges"], desc="target merges", unit="merge", disable=None):
+        if len(new) == n_new:
+            break
+        token = left + right
+        if left not in known or right not in known or (left, right) in merge_set or token in target_added:
+            continue
+        if token in known:
+            new_merges.append((left, right))
+            continue
+        text = token.translate(BYTE_LEVEL_TO_LATIN1).encode("latin-1")
+        try:
+            whole = pre is None or len(pre.pre_tokenize_str(text.decode("utf-8"))) == 1
+        except UnicodeDecodeError:  # part of a character: the pre-tokenizer cannot tell, the BPE may form it
+            whole = True
+        if whole:
+            known.add(token)
+            new.append(token)
+            new_merges.append((left, right))
+    if len(new) < n_new:
+        raise UserError(f"--extend {n_new}: {target_name} has only {len(new)} tokens the source lacks "
+                        "that its merges can form from the source's tokens; ask for at most that many")
+    # an added token outside the model's vocabulary takes the id after it when loaded: pinned to its own id there
+    vocab.update({t["content"]: t["id"] for t in spec["added_tokens"] if t["content"] not in vocab})
+    vocab.update({token: first_id + i for i, token in enumerate(new)})
+    merges += new_merges
+    spec["model"]["merges"] = [list(m) for m in merges]
+    return Tokenizer.from_str(json.dumps(spec)), new, first_id, len(new_merges)
+
+
+def fertility(tok, texts):
+    """Tokens per whitespace-separated word of `texts` under `tok` (no special tokens), and the token count."""
+    tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    words = sum(len(t.split()) for t in texts)
+    return {"tokens": tokens, "words": words, "tokens_per_word": round(tokens / max(words, 1), 4)}
+
+
+def extend_vocabulary(source, helper, opts):
+    """--extend: the target as the source's tokenizer with opts.extend of the helper tokenizer's tokens appended
+    (extend_tokenizer), and its Match: every source id copies its own row bit for bit, the source tokens the helper
+    also has (by the bytes they stand for) are the anchors CLP averages, the appended ids are new. The target's
+    helper rows (for CLP) are the helper's, moved to the extended ids. Returns (the target ModelInput, the Match,
+    the report's `extend` entry)."""
+    tok, new, first_id, n_merges = extend_tokenizer(source.tokenizer, helper.tokenizer, opts.extend,
+                                                    source.tokenizer_path, helper.tokenizer_path)
+    source_ids, helper_ids, _ = match_vocabularies(source.vocab, helper.vocab, source.token_bytes,
+                                                   helper.token_bytes)
+    anchors = dict(zip(source_ids.tolist(), helper_ids.tolist()))  # source id -> a helper id with its bytes
+    anchor_ids = torch.tensor(sorted(anchors), dtype=torch.long)
+    rest = torch.arange(first_id)[~torch.isin(torch.arange(first_id), anchor_ids)]  # copied, no anchors
+    new_ids = torch.arange(first_id, first_id + len(new))
+    embedding = None
+    if helper.embedding is not None:
+        embedding = helper.embedding.new_zeros(first_id + len(new), helper.embedding.shape[1])
+        embedding[anchor_ids] = helper.embedding[[anchors[i] for i in anchor_ids.tolist()]]
+        embedding[new_ids] = helper.embedding[[helper.vocab[t] for t in new]]
+    target = ModelInput(helper.directory, tok, None, source.special_tokens, helper.tokenizer_sha256,
+                        helper.description, embedding=embedding)
+    special = {role: {"token": token, "id": source.vocab.get(token), "init": "source row (id kept)"}
+               for role, token in sorted(source.special_tokens.items())}
+    overlap = {"token_matching": "bytes", "tokenizer_conventions": {"source": "byte_level", "target": "byte_level"}}
+    match = Match(anchor_ids, anchor_ids, new_ids, round_up(first_id + len(new), opts.pad_to_multiple_of), rest,
+                  rest, special, overlap)
+    report = {"source_ids": first_id, "appended_tokens": len(new), "first_appended_id": first_id,
+              "appended_examples": new[:20], "appended_merges": n_merges}
+    if opts.fertility_text:
+        texts = read_texts(opts.fertility_text)
+        report["fertility"] = {"text": opts.fertility_text, "source": fertility(source.tokenizer, texts),
+                               "extended": fertility(tok, texts)}
+    return target, match, report
+
+
+def read_texts(path):
+    """A text file's non-empty lines (the text --fertility_text names)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: --fertility_text file not found")
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+# -----------------------------------------------------------------------------
 # the whole transfer: source + helper -> target directory
 
 
@@ -931,7 +1067,7 @@ def write_target(path, source, helper, rows, report, started):
         if ids["pad_token"] is not None:
             config = read_json(os.path.join(tmp, "config.json"))
             write_json(os.path.join(tmp, "config.json"), dict(config, pad_token_id=ids["pad_token"]))
-        save_tokenizer(helper.tokenizer_path, tmp, special_tokens=special, tokenizer=helper.tokenizer)
+        save_tokenizer(helper.tokenizer_path or tmp, tmp, special_tokens=special, tokenizer=helper.tokenizer)
         report["seconds"] = round(time.time() - started, 2)
         write_json(os.path.join(tmp, "clp_report.json"), report)
 
@@ -955,12 +1091,18 @@ def apply_clp(source_model_name_or_path, helper_model_name_or_path=None, target_
         check_target(opts.target_model_path, opts.override, {
             "source_model_name_or_path": source.directory, "helper_model_name_or_path": helper.directory,
             "target_tokenizer" if opts.target_tokenizer else "helper_tokenizer_name_or_path": helper.tokenizer_path})
-    match = match_tokens(source, helper, opts)
-    rows, entries = initialise(source, helper, match, opts)
-    report = build_report(opts, source, helper, match, entries)
+    if opts.extend:
+        target, match, extension = extend_vocabulary(source, helper, opts)
+    else:
+        target, match, extension = helper, match_tokens(source, helper, opts), None
+    rows, entries = initialise(source, target, match, opts)
+    report = build_report(opts, source, target, match, entries)
+    if extension:
+        report.update(helper_vocab_size=len(helper.vocab), extend=extension,
+                      shared_fraction=round(len(match.shared_source) / len(helper.vocab), 6))
     report["seconds"] = round(time.time() - started, 2)
     if opts.target_model_path:
-        write_target(opts.target_model_path, source, helper, rows, report, started)
+        write_target(opts.target_model_path, source, target, rows, report, started)
     return rows["input"], rows.get("output"), report
 
 
@@ -986,6 +1128,13 @@ def main(argv=None):
     print(f"{args['target_model_path']}: {report['target_vocab_size']} rows, {report['shared_tokens']} shared tokens "
           f"({100 * report['shared_fraction']:.1f}% of the helper vocabulary), {report['fallback_rows']} fallback "
           f"rows, {report['seconds']:.1f} s")
+    if args["extend"]:
+        ext = report["extend"]
+        fert = ext.get("fertility")
+        print(f"  extended: {ext['appended_tokens']} tokens appended at ids {ext['first_appended_id']}.."
+              f"{ext['first_appended_id'] + ext['appended_tokens'] - 1}" + (
+                  f"; {fert['source']['tokens_per_word']} -> {fert['extended']['tokens_per_word']} tokens per word"
+                  if fert else ""))
 
 
 if __name__ == "__main__":

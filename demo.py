@@ -100,10 +100,27 @@ INITS = {
     "init-mean": ("mean initialisation (--method mean)", dict(method="mean")),
     "init-fvt": ("FVT initialisation (--method fvt)", dict(method="fvt")),
     "init-clp-plus": ("CLP+ initialisation (--weighting sparsemax)", dict(weighting="sparsemax")),
+    "init-extend": ("extension: the source's tokenizer + German tokens (--extend, CLP with the fallback)",
+                    dict(extrapolation_fallback=True)),  # + extend=mode["extend"]
 }
 # DEMO=init and init-quick: the sizes of default and quick, the other variants, their own report
 MODES["init"] = dict(MODES["default"], variants=INIT_VARIANTS, out="out/demo", suffix="-init")
 MODES["init-quick"] = dict(MODES["quick"], variants=INIT_VARIANTS, out="out/demo-quick", suffix="-init")
+
+# DEMO=extend and extend-quick: extend the English vocabulary with German tokens (clp.py --extend, CLP with the
+# fallback for the appended rows) instead of replacing it, against CLP's replacement on the same German budget, both
+# with the 10% embedding phase; the extension's phase trains the appended rows alone, or every row
+EXTEND_VARIANTS = [
+    next(v for v in VARIANTS if v[0] == "clp_et"),
+    ("extend_new_rows", "extension + embedding phase on the new rows only", "init-extend", "train.py",
+     ["--embedding_tuning_frac=0.1", "--train_new_rows_only=True"]),
+    ("extend", "extension + embedding phase on every row", "init-extend", "train.py",
+     ["--embedding_tuning_frac=0.1"]),
+]
+MODES["extend"] = dict(MODES["default"], variants=EXTEND_VARIANTS, out="out/demo", suffix="-extend", extend=2048)
+MODES["extend-quick"] = dict(MODES["quick"], variants=EXTEND_VARIANTS, out="out/demo-quick", suffix="-extend",
+                             extend=512)
+DATA_OF_INIT = {"init-extend": "data-deu-extend"}  # German token files of an init whose tokenizer is not the helper's
 
 # DEMO=study: the regimes the study compared, each at several seeds, on one German budget from the same source body,
 # helper and tokenizer (VARIANTS' shape). The CLP runs start where the demo's training regimes do (CLP with the
@@ -136,7 +153,8 @@ MODES["study"] = dict(MODES["default"], variants=STUDY_REGIMES, out="out/demo", 
                       study=dict(tokens=250_000, target=["--eval_interval=10"]))
 MODES["study-quick"] = dict(MODES["quick"], variants=STUDY_REGIMES, out="out/demo-quick", suffix="-study",
                             study=dict(tokens=10_240, target=["--eval_interval=2"]))
-SHARED = ("variants", "out", "suffix", "study")  # mode keys that are not sizes: modes of one size share their stages
+# mode keys that are not sizes: modes of one size share their stages
+SHARED = ("variants", "out", "suffix", "study", "extend")
 # --arch: the family of the source and the helper (train.py's scratch keys), hence of every German target
 ARCHS = ("gpt_neox", "llama")
 
@@ -196,8 +214,9 @@ def novels(eltec_dir, manifest=MANIFEST):
 
 
 def mode_novels(mode_name, eltec_dir):
-    """The novels a mode reads: ELTEC_DIR's when set; else the quick modes (quick, init-quick, study-quick) read the
-    slices vendored in tests/data/eltec (offline, on a fresh clone), the others the pinned URLs."""
+    """The novels a mode reads: ELTEC_DIR's when set; else the quick modes (quick, init-quick, study-quick,
+    extend-quick) read the slices vendored in tests/data/eltec (offline, on a fresh clone), the others the pinned
+    URLs."""
     if mode_name.endswith("quick") and not eltec_dir:
         return novels(SLICES, os.path.join(SLICES, "MANIFEST.tsv"))
     return novels(eltec_dir)
@@ -216,6 +235,14 @@ def prepare_data(out, mode, sources):
             train = sources[lang, "train"][:mode["train_novels"]]
             data.prepare(train, token_dir, train_tokenizer=True, vocab_size=mode["vocab_size"],
                          validation_sources=[heldout], override=True)
+
+
+def prepare_extended_data(out, mode, sources):
+    """The German novels tokenized with the extended tokenizer (init-extend's), the same held-out slices."""
+    token_dir = os.path.join(out, DATA_OF_INIT["init-extend"])
+    if not stage("deu token files, extended tokenizer", os.path.isfile(os.path.join(token_dir, "meta.json"))):
+        data.prepare(sources["deu", "train"][:mode["train_novels"]], token_dir, os.path.join(out, "init-extend"),
+                     validation_sources=[os.path.join(out, "heldout-deu")], override=True)
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +349,53 @@ def report(out, mode_name, variants=VARIANTS, suffix="", arch="gpt_neox"):
     write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, {label: [curve] for label, curve in curves.items()}, f"ppl_curves{suffix}.png")
+
+
+def extend_report(out, mode_name, variants, suffix):
+    """DEMO=extend: German fertility under the three tokenizers, German bits per byte and word perplexity before and
+    after the same budget, and English retention (each model scored on held-out English with its own tokenizer:
+    bits per byte compares across tokenizers)."""
+    block = read_json(os.path.join(out, "runs", variants[0][0], "config.json"))["block_size"]
+    heldout = {lang: os.path.join(out, f"heldout-{lang}") for lang in ("deu", "eng")}
+    german = [d for d in data.iter_documents(heldout["deu"])]
+    tokenizers = {"English source": f"{out}/source/hf", "German helper (replacement)": f"{out}/helper/hf",
+                  "extended (source + German)": f"{out}/init-extend"}
+    fert = {name: clp.fertility(load_tokenizer(path), german) for name, path in tokenizers.items()}
+    models = [("English source", "source/hf", "source", None)] + [
+        (label, os.path.join("runs", name, "hf"), f"final-{name}", init) for name, label, init, _, _ in variants]
+    rows = []
+    for label, path, key, init in models:
+        row = {"label": label}
+        for lang in ("deu", "eng"):
+            row[lang] = word_ppl(out, os.path.join(out, path), heldout[lang], key + ("-eng" if lang == "eng" else ""),
+                                 block)
+            if init:
+                row[lang + "_start"] = word_ppl(out, os.path.join(out, init), heldout[lang],
+                                                init + ("-eng" if lang == "eng" else ""), block)
+        rows.append(row)
+    ext = read_json(os.path.join(out, "init-extend", "clp_report.json"))["extend"]
+    tokens = read_json(os.path.join(out, "runs", variants[0][0], "summary.json"))["tokens"]
+    lines = [f"# Extension against replacement ({mode_name} demo)", "",
+             f"The English source's vocabulary extended with {ext['appended_tokens']:,} German tokens (clp.py "
+             f"--extend, ids {ext['first_appended_id']:,} on; CLP with the fallback for their rows) against CLP's "
+             f"replacement by the German helper's vocabulary; every German run trains on {tokens:,} tokens with a "
+             "10% embedding phase. Bits per byte and word perplexity from eval.py on the held-out novel slices, "
+             "each model with its own tokenizer.", "",
+             "German held-out text, tokens per word:", "", "| tokenizer | vocabulary | tokens per word |",
+             "|---|---|---|"]
+    for name, path in tokenizers.items():
+        lines.append(f"| {name} | {load_tokenizer(path).get_vocab_size():,} | {fert[name]['tokens_per_word']:.3f} |")
+    lines += ["", "| model | German bits/byte (start → after) | German word ppl after | English bits/byte "
+                  "(start → after) | English word ppl after |", "|---|---|---|---|---|"]
+    for r in rows:
+        def pair(lang):
+            start = f"{r[lang + '_start']['bits_per_byte']:.3f} → " if lang + "_start" in r else ""
+            return start + f"{r[lang]['bits_per_byte']:.3f}"
+        lines.append(f"| {r['label']} | {pair('deu')} | {big(r['deu']['word_perplexity'])} | {pair('eng')} | "
+                     f"{big(r['eng']['word_perplexity'])} |")
+    lines += ["", stages_line(out, "init-clp-guarded"), f"Machine: {machine_line()}."]
+    write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def read_curve(run_dir):
@@ -436,7 +510,8 @@ FEWER = ("fewer", "more")  # the report's words for a count of tokens below / ab
 
 def target_args(out, mode, init, extra):
     """train.py's arguments (all but --out_dir) for a German run from the initial model `init`."""
-    return [config_path("target"), f"--data_dir={out}/data-deu", f"--init_from={out}/{init}", *mode["target"], *extra]
+    return [config_path("target"), f"--data_dir={out}/{DATA_OF_INIT.get(init, 'data-deu')}",
+            f"--init_from={out}/{init}", *mode["target"], *extra]
 
 
 def config_path(name):
@@ -800,16 +875,21 @@ def main(argv=None):
     claim_out(out, args.mode, mode)
     t0 = time.time()
 
-    prepare_data(out, mode, mode_novels(args.mode, args.eltec_dir))
+    sources = mode_novels(args.mode, args.eltec_dir)
+    prepare_data(out, mode, sources)
     for name, lang in (("source", "eng"), ("helper", "deu")):
         train(out, name, "train.py", [config_path(name), f"--data_dir={out}/data-{lang}", *mode[name],
                                       *arch_args(args.arch, name, mode)])
 
     for init, (description, options) in INITS.items():
+        if init == "init-extend":
+            options = dict(options, extend=mode.get("extend"))
         if any(v[2] == init for v in variants) and not stage(
                 description, os.path.isfile(os.path.join(out, init, "config.json"))):
             clp.apply_clp(f"{out}/source/hf", f"{out}/helper/hf", f"{out}/{init}", override=True, **options)
     scratch_init(out, f"{out}/source/hf", f"{out}/helper/hf")
+    if "extend" in mode:
+        prepare_extended_data(out, mode, sources)
 
     if "study" in mode:
         study(out, mode, args.mode, plan, regimes, seeds, tokens)
@@ -817,7 +897,10 @@ def main(argv=None):
         for name, _, init, script, extra in variants:
             train(os.path.join(out, "runs"), name, script, target_args(out, mode, init, extra))
         print("== evaluation and report")
-        report(out, args.mode, variants, mode.get("suffix", ""), args.arch)
+        if "extend" in mode:
+            extend_report(out, args.mode, variants, mode.get("suffix", ""))
+        else:
+            report(out, args.mode, variants, mode.get("suffix", ""), args.arch)
     print(f"report: {os.path.join(out, 'report' + mode.get('suffix', '') + '.md')} ({time.time() - t0:.0f} s)")
 
 

@@ -103,6 +103,10 @@ class TrainConfig:
     freeze_transformer: bool = option(True, "False: the study's \"accelerated start\" (all weights at the embedding "
                                             "LR)")
     train_output_embeddings: bool = option(True, "the output head trains in the embedding phase too (as in the study)")
+    train_new_rows_only: bool = option(False, "an init made by clp.py apply_clp --extend: in the embedding phase only "
+                                              "the appended tokens' rows train (ids from its clp_report.json's "
+                                              "extend.source_ids on); the source's rows of both embedding matrices "
+                                              "stay bit-identical (no gradient, no weight decay)")
 
     vocab_size: int = option(0, group="model for init_from='scratch' (vocab_size 0: the data's vocabulary padded to "
                                       "a multiple of 128)")
@@ -224,6 +228,8 @@ def check_config(cfg):
         bad("device", "auto, cpu, cuda or cuda:N")
     if cfg.device != "auto":
         check_device(cfg.device, "device")
+    if cfg.train_new_rows_only and not cfg.embedding_tuning_frac:
+        raise UserError("train_new_rows_only=True applies to the embedding phase: set embedding_tuning_frac > 0")
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise UserError("wandb_log=True, but wandb is not installed (pip install wandb, or wandb_log=False)")
 
@@ -485,6 +491,7 @@ class Run:
     metrics: "MetricsLog"
     tokenizer_dir: str  # what the hf/ export copies ('' for none)
     stop: SimpleNamespace  # the stop request (signals_handled)
+    new_rows: "NewRowsOnly" = None  # train_new_rows_only: the embedding phase's row mask
 
     @property
     def total_steps(self):
@@ -504,6 +511,7 @@ class Run:
         training = {"scaler": self.scaler.state_dict(), "model_config": asdict(self.model.config),
                     "tokenizer_dir": self.tokenizer_dir, "config": asdict(self.cfg), "phase": self.phase.name,
                     "plan": {"world_size": self.planned_for, "phases": [asdict(p) for p in self.phases]},
+                    "new_rows_from": self.new_rows.first if self.new_rows else None,
                     "data": self.data_record, **asdict(self.state), "rng": rng}
         save_checkpoint(self.cfg.out_dir, training, self.model, self.optimizer, sharded=self.cfg.parallelism == "fsdp")
 
@@ -549,7 +557,11 @@ def start_run(argv, defaults, stop):
             return None
 
     model, tokenizer_dir, model_source = build_model(cfg, meta, checkpoint, rt)
-    optimizer = configure_optimizer(model, cfg, rt.device_type)
+    new_rows = None
+    if cfg.train_new_rows_only:
+        first = checkpoint.training["new_rows_from"] if checkpoint else appended_rows_from(tokenizer_dir)
+        new_rows = NewRowsOnly(model, first, cfg.weight_decay)
+    optimizer = configure_optimizer(model, cfg, rt.device_type, new_rows)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
     if checkpoint:
         restore_training(checkpoint, model, optimizer, scaler, phases, cfg, rt)
@@ -560,7 +572,8 @@ def start_run(argv, defaults, stop):
     metrics = MetricsLog(cfg, rt.master and not cfg.eval_only, resume_step=state.step if checkpoint else None)
     return Run(cfg=cfg, rt=rt, model=model, wrapped=wrap(model, cfg, rt), optimizer=optimizer, scaler=scaler,
                state=state, phases=phases, planned_for=planned_for, phase=phase, train_data=train_data,
-               val_data=val_data, data_record=data_record, metrics=metrics, tokenizer_dir=tokenizer_dir, stop=stop)
+               val_data=val_data, data_record=data_record, metrics=metrics, tokenizer_dir=tokenizer_dir, stop=stop,
+               new_rows=new_rows)
 
 
 def setup_processes(cfg):
@@ -835,8 +848,10 @@ def train_loop(run):
             ahead = None  # on a GPU the next step's rows are read while this one computes
             if rt.device_type == "cuda" and state.step + 1 < run.total_steps:
                 ahead = functools.partial(reader.read_ahead, state.pos, phase_at(run.phases, state.step + 1))
+            if run.new_rows:
+                run.new_rows.set_phase(phase.name == "embedding")
             loss = train_step(run.wrapped, run.model, run.optimizer, run.scaler, batches, lr, cfg.grad_clip, rt,
-                              verify_grads, ahead)
+                              verify_grads, ahead, run.new_rows)
             timer.stop()
             state.step += 1
             state.tokens += phase.tokens_per_step
@@ -1097,12 +1112,14 @@ def run_is_complete(out_dir, step):
 # the step: the model in its phase, the micro-batches, forward, backward, the update
 
 
-def train_step(model, raw_model, optimizer, scaler, batches, lr, grad_clip, rt, verify_grads=False, read_ahead=None):
+def train_step(model, raw_model, optimizer, scaler, batches, lr, grad_clip, rt, verify_grads=False, read_ahead=None,
+               new_rows=None):
     """One optimizer step at learning rate lr: forward and backward over the micro-batches, gradient clipping
     (grad_clip > 0), the update. Returns the loss (mean over the ranks) as a 0-dim tensor on the device, unread: the
     host queues the step and goes on. A non-finite loss skips the update on the device (update_unless_nonfinite);
     counting it is the caller's. verify_grads (the first step after a phase switch): every trainable parameter got a
-    gradient, and the ranks agree after the update. read_ahead, if given, runs while the device computes."""
+    gradient, and the ranks agree after the update. read_ahead, if given, runs while the device computes.
+    new_rows (a NewRowsOnly): the frozen rows' gradients dropped before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(model, batches, scaler, rt)
@@ -1111,6 +1128,8 @@ def train_step(model, raw_model, optimizer, scaler, batches, lr, grad_clip, rt, 
     if rt.distributed:
         dist.all_reduce(loss)
         loss /= rt.world_size
+    if new_rows is not None:
+        new_rows.before_step(lr, loss)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], grad_clip)
@@ -1183,14 +1202,77 @@ def wrap(raw_model, cfg, rt):
     return model
 
 
-def configure_optimizer(model, cfg, device_type):
+def configure_optimizer(model, cfg, device_type, new_rows=None):
     """AdamW (the fused kernel) over every parameter: frozen ones have no grad and so get no state until they train.
-    Weight decay on matrices (embeddings included), none on biases and norms (1-D)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
+    Weight decay on matrices (embeddings included), none on biases and norms (1-D). With new_rows (a NewRowsOnly),
+    the embedding matrices are a group of their own, whose decay it sets per phase."""
+    masked = {id(p) for p in new_rows.params} if new_rows else set()
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in masked]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if new_rows:
+        groups.append({"params": new_rows.params, "weight_decay": cfg.weight_decay})
+        new_rows.group = groups[-1]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device_type in ("cuda", "cpu"))  # one kernel per step: 12x the loop on a CPU
+
+
+def appended_rows_from(init_dir):
+    """The first appended id of an init that clp.py apply_clp --extend made (its clp_report.json)."""
+    report = os.path.join(init_dir, "clp_report.json")
+    first = (read_json(report).get("extend") or {}).get("source_ids") if os.path.isfile(report) else None
+    if not isinstance(first, int):
+        raise UserError(f"train_new_rows_only=True: {report} does not record extend.source_ids (an init made by "
+                        "clp.py apply_clp --extend does)")
+    return first
+
+
+class NewRowsOnly:
+    """train_new_rows_only: in the embedding phase the embedding matrices train only their rows from `first` on
+    (the appended tokens'). Before each update the other rows' gradients are zeroed (so Adam's moments stay zero
+    there and its update is exactly zero), and AdamW's decoupled weight decay, which would shrink every row, is
+    applied by hand to the trained rows only, the group's own decay set to 0 for the phase. In the full phase the
+    group decays as every matrix does. `keep` is 1 for a trained row, 0 for a frozen one: a DTensor sharded like
+    its parameter under FSDP, so every operation stays on the local shard. (float16: a step the GradScaler skips for
+    overflowed gradients of a finite loss still decays the trained rows; the frozen ones stay as they are.)"""
+
+    def __init__(self, model, first, weight_decay):
+        rows = model.input_embeddings().weight.shape[0]
+        if not 0 < first < rows:
+            raise UserError(f"train_new_rows_only=True: the first appended id is {first}, but the model has {rows} "
+                            "embedding rows")
+        self.first, self.weight_decay, self.group, self.active = first, weight_decay, None, False
+        self.params = list({id(p): p for p in (model.input_embeddings().weight,
+                                               model.output_embeddings().weight)}.values())  # one when tied
+        self.keep = [self.row_mask(p) for p in self.params]
+
+    def row_mask(self, p):
+        """(rows, 1): 1 from `first` on, laid out as p is (sharded like it under FSDP2)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not isinstance(p, DTensor):
+            return (torch.arange(p.shape[0], device=p.device) >= self.first).float()[:, None]
+        keep = (torch.arange(p.shape[0], device=p.device_mesh.device_type) >= self.first).float()[:, None]
+        return distribute_tensor(keep, p.device_mesh, p.placements)
+
+    def set_phase(self, embedding):
+        """The group's decay for the step: by hand (before_step) in the embedding phase, AdamW's in the full one."""
+        self.group["weight_decay"] = 0.0 if embedding else self.weight_decay
+        self.active = embedding
+
+    @torch.no_grad()
+    def before_step(self, lr, loss):
+        """The frozen rows' gradients zeroed; the trained rows decayed as AdamW would (p *= 1 - lr * wd), unless the
+        loss is not finite (the update is skipped: update_unless_nonfinite), decided on the device without a sync."""
+        if not self.active:
+            return
+        finite = torch.isfinite(loss).float()
+        for p, keep in zip(self.params, self.keep):
+            if p.grad is not None:
+                p.grad.mul_(keep.to(p.grad.dtype))
+                if self.weight_decay:  # on the local shard under FSDP: the loss is a plain tensor
+                    local, local_keep = (p.to_local(), keep.to_local()) if hasattr(p, "to_local") else (p, keep)
+                    local.mul_(1 - lr * self.weight_decay * local_keep * finite)
 
 
 class StepBatches:

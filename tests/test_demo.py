@@ -61,6 +61,25 @@ def test_quick_demo_end_to_end(tmp_path):
     fvt = json.loads((tmp_path / "init-fvt" / "clp_report.json").read_text())
     assert fvt["method"] == "fvt" and sum(fvt["fvt"]["pieces_histogram"].values()) == fvt["new_tokens"]
 
+    # DEMO=extend at the quick size, in the same directory: the extended init, its German token files and two runs
+    # are new; the replacement run is the demo's
+    ext = run_py(["demo.py", "--mode", "extend-quick", "--out", str(tmp_path)], env=offline, timeout=900)
+    assert ext.returncode == 0, ext.stdout[-3000:] + ext.stderr[-3000:]
+    assert len([line for line in ext.stdout.splitlines() if ": running" in line]) == 4, ext.stdout
+    init_report = json.loads((tmp_path / "init-extend" / "clp_report.json").read_text())["extend"]
+    assert init_report["appended_tokens"] == demo.MODES["extend-quick"]["extend"]
+    assert init_report["first_appended_id"] == 1024
+    table = (tmp_path / "report-extend.md").read_text()
+    fertility = {m[1]: float(m[2]) for m in re.finditer(r"\| ([^|]+) \| [\d,]+ \| ([\d.]+) \|", table)}
+    assert fertility["extended (source + German)"] < 0.9 * fertility["English source"], table
+    bpb = {m[1]: m.groups()[1:] for m in re.finditer(
+        r"\| ([^|]+) \| (?:([\d.]+) → )?([\d.]+) \| [^|]+ \| (?:([\d.]+) → )?([\d.]+) \|", table)}
+    # German improves in every run; English is kept far better by extension than by replacement
+    for label in ("CLP (fallback) + embedding phase (10%)", "extension + embedding phase on the new rows only"):
+        assert float(bpb[label][1]) < float(bpb[label][0]), table
+    assert float(bpb["extension + embedding phase on the new rows only"][3]) < float(
+        bpb["CLP (fallback) + embedding phase (10%)"][3]) - 0.5, table
+
     # DEMO=study at the quick size, in the same directory: every regime at three seeds from the demo's stages (none
     # made again), the best CLP regime repeated from CLP+ and from FVT
     study = run_py(["demo.py", "--mode", "study-quick", "--out", str(tmp_path)], env=offline, timeout=1800)
