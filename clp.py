@@ -981,20 +981,22 @@ def read_texts(path):
 
 def check_target(path, override, inputs):
     """Refuse a non-empty target without override (before any work), a file in its place, and a target that is,
-    contains or lies inside an input's folder (`inputs`: flag -> path; a tokenizer file counts by its folder, a hub
-    id not at all), with or without override: writing the target replaces its folder whole."""
+    contains or lies inside an input's folder (`inputs`: flag -> path; a hub id counts not at all), with or without
+    override: writing the target replaces its folder whole. A tokenizer file's folder may hold the target beside
+    it (a file beside the target is untouched), not be or lie inside it."""
     if os.path.isfile(path):
         raise UserError(f"{path}: the target exists and is a file")
     here, target = os.path.realpath(os.getcwd()), os.path.realpath(path)
     if os.path.commonpath([here, target]) == target:
         raise UserError(f"{path}: the target is the current directory or contains it; name a directory of its own")
     for flag, given in inputs.items():
-        folder = os.path.dirname(os.path.abspath(given)) if given and os.path.isfile(given) else given
+        is_file = bool(given) and os.path.isfile(given)
+        folder = os.path.dirname(os.path.abspath(given)) if is_file else given
         if not (folder and os.path.isdir(folder)):
             continue
         other = os.path.realpath(folder)
         common = os.path.commonpath([target, other])
-        if common in (target, other):
+        if common == target or (common == other and not is_file):
             how = "is" if target == other else "contains" if common == target else "lies inside"
             raise UserError(f"--target_model_path {path} {how} the folder of --{flag} {given}: the target is "
                             "replaced whole; name a directory of its own")

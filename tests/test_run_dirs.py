@@ -183,6 +183,10 @@ def test_clp_target_is_never_an_input(tmp_path, eltec_tokenizers):
     assert "is the folder of --source_model_name_or_path" in one_line(r)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.rglob(".*")]
+    # beside a tokenizer file, in its folder: the file is untouched, so the target may go there
+    apply_clp(str(source), None, str(tok / "target"), method="fvt", target_tokenizer=str(tok / "tokenizer.json"))
+    assert (tok / "target" / "config.json").exists() and (tok / "tokenizer.json").read_bytes() == before[
+        tok / "tokenizer.json"]
 
 
 # -----------------------------------------------------------------------------
