@@ -504,8 +504,8 @@ class Head(nn.Linear):
     cross-entropy (ignore index -100) instead of the logits: over chunks of LOSS_CHUNK_TOKENS positions, each chunk's
     logits recomputed in backward (torch.utils.checkpoint) rather than kept. The full logits and their fp32 softmax
     would live through the whole model's backward (about 5 GB at 8 x 2048 x 50,304), a chunk's is a transient
-    fraction; the price is one more head matmul per chunk. One call of the module per forward, so FSDP and DDP hooks
-    see it once."""
+    fraction; the price is one more head matmul per chunk (none for a single chunk, whose logits are kept: no more
+    than a recomputation would hold). One call of the module per forward, so FSDP and DDP hooks see it once."""
 
     def __init__(self, n_embd, vocab_size):
         super().__init__(n_embd, vocab_size, bias=False)
@@ -514,6 +514,8 @@ class Head(nn.Linear):
         if targets is None:
             return F.linear(x, self.weight)
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        if len(targets) <= LOSS_CHUNK_TOKENS:  # one chunk: what it keeps is what recomputing it would hold at once
+            return self.chunk_loss(x, targets) / (targets != -100).sum()
         total = 0.0
         for xc, tc in zip(x.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS)):
             total = total + torch.utils.checkpoint.checkpoint(self.chunk_loss, xc, tc, use_reentrant=False)

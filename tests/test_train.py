@@ -665,7 +665,8 @@ def test_cuda_rng_state_is_the_runs_devices(monkeypatch, tmp_path):
     optimizer, scaler = train.configure_optimizer(model, cfg, "cpu"), torch.amp.GradScaler("cpu", enabled=False)
     phase = train.Phase("full", 1, 1, 8, 1e-3, "cosine")
     run = SimpleNamespace(cfg=cfg, rt=rt, model=model, optimizer=optimizer, scaler=scaler, tokenizer_dir="",
-                          phase=phase, phases=[phase], planned_for=1, data_record={}, state=train.TrainState())
+                          phase=phase, phases=[phase], planned_for=1, data_record={}, state=train.TrainState(),
+                              new_rows=None)
     train.Run.checkpoint(run)
     assert saved == ["cuda:1"] and torch.equal(checkpoints[0]["rng"]["cuda"], torch.ones(3))
     checkpoint = SimpleNamespace(training=checkpoints[0], sharded=False, optimizer=optimizer.state_dict())
