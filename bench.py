@@ -630,7 +630,8 @@ def memory_model(shape, dtype="bfloat16", block_size=2048):
     per_block = (per_token[False] - per_token[True]) / config.n_layer  # what one block keeps, per token
     block = sum(p.numel() for p in model.blocks()[0].parameters())
     return {"n_params": sum(p.numel() for p in model.parameters()), "block_params": block,
-            "largest_group": max(model.input_embeddings().weight.numel(), model.output_embeddings().weight.numel(), block),
+            "largest_group": max(model.input_embeddings().weight.numel(), model.output_embeddings().weight.numel(),
+                                 block),
             "activation_bytes_per_token": per_token[False],
             "checkpointed_activation_bytes_per_token": per_token[True] + per_block,
             "loss_bytes_per_token": (torch_dtype(dtype).itemsize + 8) * config.vocab_size,
@@ -640,9 +641,9 @@ def memory_model(shape, dtype="bfloat16", block_size=2048):
 def bytes_per_gpu(m, parallelism, world_size, checkpointed, tokens, param_bytes=2):
     """Peak bytes of one rank for a step of `tokens` tokens per micro-batch: fp32 master weights, fp32 gradients and
     AdamW's two fp32 moments (16 B per parameter; FSDP: 1/world_size of them); under DDP autocast's weight copies
-    in a 2-byte dtype (param_bytes each, kept for backward), under FSDP the largest group unsharded with its unsharded gradient (param_bytes each: the
-    compute dtype's) and an fp32 reduce buffer, and the next block prefetched; the activations; the loss's logits
-    (one chunk of at most loss_chunk_tokens positions)."""
+    in a 2-byte dtype (param_bytes each, kept for backward), under FSDP the largest group unsharded with its
+    unsharded gradient (param_bytes each: the compute dtype's) and an fp32 reduce buffer, and the next block
+    prefetched; the activations; the loss's logits (one chunk of at most loss_chunk_tokens positions)."""
     states = 16 * m["n_params"] / (world_size if parallelism == "fsdp" else 1)
     if parallelism == "fsdp":
         transient = m["largest_group"] * (2 * param_bytes + 4) + m["block_params"] * param_bytes

@@ -1452,9 +1452,11 @@ def drop_reducer(model):
 
 
 def leave_process_group(rt, model=None):
-    """The end of a distributed run: the wrapper's Reducer, then the process group."""
+    """The end of a distributed run (every rank arrives here together): the wrapper's Reducer, then the process
+    group, once every rank is done with it (a rank tearing gloo down while a peer still talks to it can abort)."""
     if rt.distributed:
         drop_reducer(model)
+        dist.barrier()
         dist.destroy_process_group()
 
 
