@@ -76,6 +76,24 @@ def gpt2_helper(path, vocab_size, seed=1, n_embd=48):
     return model.transformer.wte.weight.detach().clone()
 
 
+def tiny_source_and_helper(root, eltec_tokenizers, helper_vocab_and_merges=False):
+    """A tiny CLP pair under root: the source, GPT-NeoX with the English BPE (6 spare rows, as Pythia has); the helper,
+    GPT-2 with the German BPE as tokenizer.json, or as vocab.json + merges.txt (as GPT-2 repos ship it).
+    Returns (source, helper, the helper's input embedding rows)."""
+    from common import load_tokenizer, save_tokenizer
+
+    eng, deu = (load_tokenizer(str(eltec_tokenizers[k])) for k in ("eng", "deu"))
+    source, helper = root / "source", root / "helper"
+    hf_neox(vocab_size=eng.get_vocab_size() + 6).save_pretrained(source)
+    save_tokenizer(str(eltec_tokenizers["eng"]), str(source))
+    helper_rows = gpt2_helper(helper, deu.get_vocab_size())
+    if helper_vocab_and_merges:
+        deu.model.save(str(helper))
+    else:
+        save_tokenizer(str(eltec_tokenizers["deu"]), str(helper))
+    return source, helper, helper_rows
+
+
 def safetensors_state(path):
     from safetensors.torch import load_file
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import gpt2_helper, hf_neox, make_hub_cache, run_py, safetensors_state
+from conftest import gpt2_helper, hf_neox, make_hub_cache, run_py, safetensors_state, tiny_source_and_helper
 
 from clp import (Match, TransferOptions, apply_clp, clp_embeddings, match_vocabularies, random_embeddings, sparsemax,
                  token_bytes)
@@ -135,13 +135,7 @@ def tiny(tmp_path_factory, eltec_tokenizers):
     """source: GPT-NeoX with the English BPE (6 spare rows, as Pythia has); helper: GPT-2 with the German BPE shipped
     as vocab.json + merges.txt, as GPT-2 repos do."""
     root = tmp_path_factory.mktemp("clp")
-    eng, deu = (load_tokenizer(str(eltec_tokenizers[k])) for k in ("eng", "deu"))
-    source = root / "source"
-    hf_neox(vocab_size=eng.get_vocab_size() + 6).save_pretrained(source)
-    save_tokenizer(str(eltec_tokenizers["eng"]), str(source))
-    helper = root / "helper"
-    gpt2_helper(helper, deu.get_vocab_size())
-    deu.model.save(str(helper))
+    source, helper, _ = tiny_source_and_helper(root, eltec_tokenizers, helper_vocab_and_merges=True)
     return source, helper, root
 
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import eltec_texts, gpt2_helper, hf_neox, run_py, safetensors_state
+from conftest import eltec_texts, hf_neox, run_py, safetensors_state, tiny_source_and_helper
 
 from clp import apply_clp, byte_level_alphabet, extend_tokenizer
 from common import UserError, load_tokenizer, save_tokenizer
@@ -125,13 +125,7 @@ def test_refuses_other_families(tmp_path, real_tokenizers):
 def tiny(tmp_path_factory, eltec_tokenizers):
     """source: GPT-NeoX (untied) with the English BPE; helper: GPT-2 with the German BPE."""
     root = tmp_path_factory.mktemp("extend")
-    eng, deu = (load_tokenizer(str(eltec_tokenizers[k])) for k in ("eng", "deu"))
-    source = root / "source"
-    hf_neox(vocab_size=eng.get_vocab_size() + 6).save_pretrained(source)
-    save_tokenizer(str(eltec_tokenizers["eng"]), str(source))
-    helper = root / "helper"
-    helper_rows = gpt2_helper(helper, deu.get_vocab_size())
-    save_tokenizer(str(eltec_tokenizers["deu"]), str(helper))
+    source, helper, helper_rows = tiny_source_and_helper(root, eltec_tokenizers)
     (root / "german.txt").write_text("\n".join(t[:3000] for t in eltec_texts("deu", limit_chars=3000)))
     return source, helper, helper_rows, root
 
