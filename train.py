@@ -1129,7 +1129,7 @@ def train_step(model, raw_model, optimizer, scaler, batches, lr, grad_clip, rt, 
         dist.all_reduce(loss)
         loss /= rt.world_size
     if new_rows is not None:
-        new_rows.before_step(lr, loss)
+        new_rows.before_step(lr, update_goes_ahead(loss, raw_model, scaler))
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.grad is not None], grad_clip)
@@ -1159,6 +1159,16 @@ def update_unless_nonfinite(optimizer, scaler, loss):
             del optimizer.found_inf
     elif math.isfinite(loss.item()):
         optimizer.step()
+
+
+def update_goes_ahead(loss, model, scaler):
+    """1.0 if update_unless_nonfinite will update, else 0.0, a device tensor (no sync): the loss is finite and, under
+    a GradScaler, so is every gradient (what it checks before it steps)."""
+    finite = torch.isfinite(loss)
+    if scaler.is_enabled():  # float16: never with FSDP, so the gradients are plain tensors, the same on every rank
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    return finite.float()
 
 
 def forward_backward(model, batches, scaler, rt):
@@ -1233,8 +1243,7 @@ class NewRowsOnly:
     there and its update is exactly zero), and AdamW's decoupled weight decay, which would shrink every row, is
     applied by hand to the trained rows only, the group's own decay set to 0 for the phase. In the full phase the
     group decays as every matrix does. `keep` is 1 for a trained row, 0 for a frozen one: a DTensor sharded like
-    its parameter under FSDP, so every operation stays on the local shard. (float16: a step the GradScaler skips for
-    overflowed gradients of a finite loss still decays the trained rows; the frozen ones stay as they are.)"""
+    its parameter under FSDP, so every operation stays on the local shard."""
 
     def __init__(self, model, first, weight_decay):
         rows = model.input_embeddings().weight.shape[0]
@@ -1261,18 +1270,17 @@ class NewRowsOnly:
         self.active = embedding
 
     @torch.no_grad()
-    def before_step(self, lr, loss):
-        """The frozen rows' gradients zeroed; the trained rows decayed as AdamW would (p *= 1 - lr * wd), unless the
-        loss is not finite (the update is skipped: update_unless_nonfinite), decided on the device without a sync."""
+    def before_step(self, lr, goes_ahead):
+        """The frozen rows' gradients zeroed; the trained rows decayed as AdamW would (p *= 1 - lr * wd) when the
+        update goes ahead (goes_ahead: update_goes_ahead's 1.0 or 0.0, on the device, so no sync)."""
         if not self.active:
             return
-        finite = torch.isfinite(loss).float()
         for p, keep in zip(self.params, self.keep):
             if p.grad is not None:
                 p.grad.mul_(keep.to(p.grad.dtype))
                 if self.weight_decay:  # on the local shard under FSDP: the loss is a plain tensor
                     local, local_keep = (p.to_local(), keep.to_local()) if hasattr(p, "to_local") else (p, keep)
-                    local.mul_(1 - lr * self.weight_decay * local_keep * finite)
+                    local.mul_(1 - lr * self.weight_decay * local_keep * goes_ahead)
 
 
 class StepBatches:

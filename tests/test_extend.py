@@ -297,6 +297,35 @@ def test_new_rows_only_resumes_exactly(extended_run, tmp_path, monkeypatch):
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+def test_new_rows_only_float16_overflow_changes_no_row():
+    """float16: a step the GradScaler skips (the loss finite, its gradients overflowed) leaves every row as it was,
+    the trained rows undecayed too; at a scale that fits, the step trains the appended rows alone."""
+    from types import SimpleNamespace
+
+    import train
+    from model import GPTNeoX, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=8))
+    cfg, rt, first = train.TrainConfig(weight_decay=0.1), train.Runtime(dtype="float16"), 48
+    new_rows = train.NewRowsOnly(model, first, cfg.weight_decay)
+    optimizer = train.configure_optimizer(model, cfg, "cpu", new_rows)
+    train.set_trainable(model, SimpleNamespace(name="embedding"), cfg)
+    new_rows.set_phase(embedding=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    x = torch.randint(0, 64, (2, 9))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = train.train_step(model, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], 1e-3, 0.0, rt,
+                            new_rows=new_rows)
+    assert torch.isfinite(loss) and scaler.get_scale() < 2.0 ** 40  # skipped for overflowed gradients
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    scaler.update(1.0)
+    train.train_step(model, model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], 1e-3, 0.0, rt, new_rows=new_rows)
+    for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+        after = dict(model.named_parameters())[name]
+        assert torch.equal(after[:first], before[name][:first]) and not torch.equal(after[first:], before[name][first:])
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_new_rows_only_two_processes(extended_run, tmp_path, parallelism):
     r = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
