@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def make_n(*args):
-    r = subprocess.run(["make", "-n", "-B", *args, f"PY={sys.executable}"], cwd=ROOT, text=True, capture_output=True)
+    r = subprocess.run(["make", "--no-print-directory", "-n", "-B", *args, f"PY={sys.executable}"], cwd=ROOT,
+                       text=True, capture_output=True)  # --no-print-directory: also when run under make test
     assert r.returncode == 0, r.stderr
     return [line for line in r.stdout.splitlines() if not line.startswith("needs=")]  # the config-reading line
 
@@ -41,7 +42,7 @@ def test_make_eval_writes_beside_the_model_folder():
 def test_without_a_venv_the_machines_python3_runs_the_targets():
     """A GPU machine gets the checkout without .venv: the targets fall back to its own python3."""
     def dry(*args):
-        r = subprocess.run(["make", "-n", *args], cwd=ROOT, text=True, capture_output=True)
+        r = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, text=True, capture_output=True)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
