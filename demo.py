@@ -681,7 +681,8 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
                 continue
             side = words[statistics.fmean(a) >= statistics.fmean(b)]
             groups.setdefault(f"{side} {'beyond' if beyond_spread(a, b) else 'within'} the spread", []).append(name)
-        return "; ".join(f"{group}: {', '.join(label(n) for n in members)}" for group, members in groups.items())
+        return "; ".join(f"{group}: {', '.join(f'“{label(n)}”' for n in members)}"  # labels may hold commas
+                         for group, members in groups.items())
 
     # 1. the embedding phase (the transformer frozen) from the CLP start: tokens, time and memory
     et = sorted_by_rule(name for name, runs in regimes.items() if runs[0]["cfg"].embedding_tuning_frac > 0
