@@ -1128,7 +1128,7 @@ def train_step(model, raw_model, optimizer, scaler, batches, lr, grad_clip, rt, 
     if rt.distributed:
         dist.all_reduce(loss)
         loss /= rt.world_size
-    if new_rows is not None:
+    if new_rows is not None and new_rows.active:  # the full phase: no row mask, nothing to decide
         new_rows.before_step(lr, update_goes_ahead(loss, raw_model, scaler))
     if grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -1272,9 +1272,8 @@ class NewRowsOnly:
     @torch.no_grad()
     def before_step(self, lr, goes_ahead):
         """The frozen rows' gradients zeroed; the trained rows decayed as AdamW would (p *= 1 - lr * wd) when the
-        update goes ahead (goes_ahead: update_goes_ahead's 1.0 or 0.0, on the device, so no sync)."""
-        if not self.active:
-            return
+        update goes ahead (goes_ahead: update_goes_ahead's 1.0 or 0.0, on the device, so no sync). The embedding
+        phase only (self.active)."""
         for p, keep in zip(self.params, self.keep):
             if p.grad is not None:
                 p.grad.mul_(keep.to(p.grad.dtype))
