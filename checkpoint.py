@@ -297,8 +297,7 @@ def lock_out_dir(out_dir):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        f.seek(0)
-        holder = f.read().split(";")[0].strip()
+        holder = read_holder(f) if e.errno in (errno.EWOULDBLOCK, errno.EACCES) else ""
         f.close()
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
             raise UserError(f"out_dir={out_dir!r} is in use by {holder or 'another process'} (its {LOCK}): one run "
@@ -306,6 +305,18 @@ def lock_out_dir(out_dir):
         print(f"warning: {path}: cannot lock it ({e.strerror}): nothing stops a second run into {out_dir}")
     _held[key] = f
     say_holder(f)
+
+
+def read_holder(f, wait_s=2.0):
+    """Who holds the lock, as its holder wrote it. A holder that has just taken the lock writes its name a moment
+    later (and rewrites it once ready), so an empty file is read again for up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        f.seek(0)
+        holder = f.read().split(";")[0].strip()
+        if holder or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.02)
 
 
 def say_holder(f, ready=False):

@@ -76,6 +76,23 @@ def test_the_lock_dies_with_its_process(tmp_path):
         release_out_dirs()
 
 
+def test_a_holder_that_has_not_yet_named_itself_is_waited_for(tmp_path):
+    """A run that has just taken the lock writes its name a moment later: the refused run reads it then, rather than
+    saying 'another process' (two runs started at the same instant)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, socket, sys, time; "
+                               "f = open(os.path.join(sys.argv[1], sys.argv[2]), 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(0.5); "
+                               "f.write(f'pid {os.getpid()} on {socket.gethostname()}\\n'); f.flush(); time.sleep(600)",
+                               str(tmp_path), LOCK], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"is in use by pid {holder.pid} on {socket.gethostname()}"):
+            lock_out_dir(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(corpus, tmp_path):
     """Two processes under torchrun into a directory another process holds: rank 0 names the holder in one line;
     rank 1, waiting in Python for rank 0 to take the directory, ends at the launcher's SIGTERM (not after its 30 s
