@@ -8,7 +8,7 @@
 #                  PARALLELISM=fsdp shards it
 #   make eval      eval.py on $(MODEL): perplexity per word/byte and the German tasks
 #   make demo      the whole study at toy scale on a CPU (DEMO=quick: about 80 seconds, offline; DEMO=init: the
-#                  initialisations compared; ARCH=llama: Llama-shaped models)
+#                  initialisations compared; ARCH=llama: Llama-shaped models; JOBS=2: two training runs at once)
 #   make bench     speed and memory against the tools users would pick instead -> out/bench/bench.json
 PYTHON ?= python3
 VENV := .venv
@@ -40,6 +40,7 @@ MODEL ?= out/oscar_de_embedding_tuning/hf
 TASKS ?= germeval2018_coarse,germeval2017,gnad10,xnli_de,pawsx_de,xstance_de
 DEMO ?= default
 ARCH ?= gpt_neox
+JOBS ?= 1
 
 
 .PHONY: install test test-gpu gpu-check test-slurm init init-random init-extend data train eval demo bench
@@ -103,7 +104,7 @@ eval:
 	$(PY) eval.py --model $(MODEL) --tasks $(TASKS) --output $(dir $(patsubst %/,%,$(MODEL)))eval.json $(ARGS)
 
 demo:
-	$(PY) demo.py --mode $(DEMO) --arch $(ARCH)
+	$(PY) demo.py --mode $(DEMO) --arch $(ARCH) --jobs $(JOBS)
 
 bench:
 	$(PY) bench.py $(ARGS)

@@ -249,19 +249,70 @@ def prepare_extended_data(out, mode, sources):
 # 2-4. models
 
 
-def train(out, name, script, args, label=None):
-    """One train.py run in its own process (so its peak memory is its own); resumes an interrupted one."""
-    run_dir = os.path.join(out, name)
-    if stage(f"train {label or name}", os.path.isfile(os.path.join(run_dir, "summary.json"))):
-        return
+def train(runs, jobs=1):
+    """Train each run (out, name, script, args, label) not yet finished in its own process (so its peak memory is
+    its own), up to `jobs` at once; an interrupted run resumes. One at a time, a run prints to the terminal;
+    several at once share the cores (OMP_NUM_THREADS, unless set) and each writes its output to <run dir>.log."""
+    waiting = []
+    for out, name, script, args, label in runs:
+        run_dir = os.path.join(out, name)
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            stage(f"train {label or name}", True)
+        else:  # said when it starts
+            waiting.append((run_dir, script, args, label or name))
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    running, failed = {}, []
+    try:
+        while waiting and not failed or running:
+            while waiting and len(running) < jobs and not failed:
+                run_dir, script, args, label = waiting.pop(0)
+                running[start_run(run_dir, script, args, label, jobs, env)] = (run_dir, label, time.time())
+            proc = wait_any(running)
+            run_dir, label, t0 = running.pop(proc)
+            if proc.returncode:  # the runs already going finish; no other starts
+                failed.append((label, run_dir))
+                if jobs > 1:
+                    with open(run_dir + ".log", encoding="utf-8", errors="replace") as f:
+                        print("".join(f.readlines()[-20:]), end="", file=sys.stderr, flush=True)
+            else:
+                write_json(os.path.join(run_dir, "demo_wall_time.json"), {"seconds": time.time() - t0, "jobs": jobs})
+    except BaseException as e:  # the runs going stop too, each at a checkpoint to resume from
+        for proc in running:
+            if not isinstance(e, KeyboardInterrupt):  # Ctrl-C reached them already
+                proc.terminate()
+        for proc in running:
+            proc.wait()
+        raise
+    if failed:
+        label, run_dir = failed[0]
+        where = "above" if jobs == 1 else f"its log: {run_dir}.log"
+        raise UserError(f"training {label} failed ({where}); rerun `make demo` to resume it")
+
+
+def start_run(run_dir, script, args, label, jobs, env):
     # a run killed before its first checkpoint left only metrics: it starts again
     resume = ["--init_from=resume" if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else "--override=True"]
     cmd = [sys.executable, os.path.join(HERE, script), *args, f"--out_dir={run_dir}", *resume]
-    print("   " + " ".join(os.path.relpath(c) if c.endswith(".py") else c for c in cmd[1:]), flush=True)
-    t0 = time.time()
-    if subprocess.run(cmd, cwd=HERE).returncode:
-        raise UserError(f"training {name} failed (its output is above); rerun `make demo` to resume it")
-    write_json(os.path.join(run_dir, "demo_wall_time.json"), {"seconds": time.time() - t0})
+    shown = " ".join(os.path.relpath(c) if c.endswith(".py") else c for c in cmd[1:])
+    stage(f"train {label}", False)
+    if jobs == 1:
+        print("   " + shown, flush=True)
+        return subprocess.Popen(cmd, cwd=HERE, env=env)
+    print(f"   {shown} > {run_dir}.log", flush=True)
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(run_dir + ".log", "w", encoding="utf-8") as log:
+        return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_any(procs):
+    """The first of the running processes to end."""
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.05)
 
 
 SCRATCH_SEED = 1337  # the demo's from-scratch start; the study's seed s > the demo's starts from this + (s - it)
@@ -345,7 +396,7 @@ def report(out, mode_name, variants=VARIANTS, suffix="", arch="gpt_neox"):
     lines += ["", stages_line(out, "init-clp")]
     if any(v[2] == "init-fvt" for v in variants):
         lines.append(f"FVT: {fvt_report_summary(read_json(os.path.join(out, 'init-fvt', 'clp_report.json')))}.")
-    lines.append(f"Machine: {machine_line()}.")
+    lines.append(f"Machine: {machine_line(os.path.join(out, 'runs', v[0]) for v in variants)}.")
     write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, {label: [curve] for label, curve in curves.items()}, f"ppl_curves{suffix}.png")
@@ -438,9 +489,12 @@ def fvt_report_summary(r):
             f"pieces on average ({hist}; {r['fvt']['split_byte_by_byte']:,} byte by byte)")
 
 
-def machine_line():
+def machine_line(run_dirs=()):
+    """The machine; and, when some of the runs trained beside others (demo.py --jobs), how many at once."""
     m = machine()
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+    jobs = max([read_json(os.path.join(d, "demo_wall_time.json")).get("jobs", 1) for d in run_dirs] + [1])
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (
+        f"; up to {jobs} training runs at once (--jobs): their times include sharing the cores" if jobs > 1 else "")
 
 
 def write_text(path, text):
@@ -801,7 +855,7 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
     wall = sum(r["wall"] for r in results.values())
     lines += ["", f"{stages_line(out, 'init-clp-guarded')} The study's {len(results)} runs: {wall / 60:,.1f} "
                   f"minutes of wall time together (training, evaluation and export; eval.py on the held-out novels "
-                  f"and this report not counted). Machine: {machine_line()}."]
+                  f"and this report not counted). Machine: {machine_line(r['dir'] for r in results.values())}."]
     write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, {label(name): [[(t, p) for t, p, _ in r["curve"]] for r in runs] for name, runs in regimes.items()},
@@ -812,7 +866,7 @@ def reached(n, tokens):
     return "not reached" if n is None else f"{n:,.0f} ({n / tokens:.0%})"
 
 
-def study(out, mode, mode_name, plan, regimes, seeds, tokens):
+def study(out, mode, mode_name, plan, regimes, seeds, tokens, jobs):
     """Train the plan's runs, then the best CLP regime again from CLP+ and from FVT, then the report."""
     for seed in seeds:
         if seed != DEMO_SEED:  # the demo's is made with the other stages
@@ -820,9 +874,8 @@ def study(out, mode, mode_name, plan, regimes, seeds, tokens):
     block = next(iter(plan.values()))["cfg"].block_size
 
     def run_all(runs):
-        for run in runs.values():
-            train(os.path.dirname(run["dir"]), os.path.basename(run["dir"]), run["script"], run["args"],
-                  f"{run['regime']} seed {run['seed']}")
+        train([(os.path.dirname(run["dir"]), os.path.basename(run["dir"]), run["script"], run["args"],
+                f"{run['regime']} seed {run['seed']}") for run in runs.values()], jobs)
         return {key: study_result(out, run, block) for key, run in runs.items()}
 
     results = run_all(plan)
@@ -854,6 +907,8 @@ def main(argv=None):
     p.add_argument("--eltec_dir", default=os.environ.get("ELTEC_DIR"),
                    help="a local copy of the ELTeC files (eng/ and deu/ folders; default $ELTEC_DIR); else download "
                         "them (the quick modes: read the slices vendored in tests/data/eltec)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once, sharing the cores (default 1: "
+                   "each run's time and memory its own, as the reports compare them)")
     p.add_argument("--seeds", type=int, default=3, help="study modes: seeds per regime, the demo's (42) first")
     p.add_argument("--regimes", help="study modes: a comma-separated subset of " + ", ".join(
         r[0] for r in STUDY_REGIMES) + f" (default all; {' and '.join(YARDSTICKS)} always run)")
@@ -865,6 +920,8 @@ def main(argv=None):
     out = (mode.get("out") or ("out/demo" if args.mode == "default" else f"out/demo-{args.mode}"))
     out = os.path.abspath(args.out or out + ("" if args.arch == "gpt_neox" else f"-{args.arch}"))
     variants = mode.get("variants", VARIANTS)
+    if args.jobs < 1:
+        raise UserError(f"--jobs={args.jobs}: expected a number of training runs at once, 1 or more")
     if "study" in mode:  # the plan is checked before anything runs
         regimes, seeds, tokens = study_options(args, mode)
         plan = study_plan(out, mode, regimes, seeds, tokens)
@@ -878,9 +935,9 @@ def main(argv=None):
 
     sources = mode_novels(args.mode, args.eltec_dir)
     prepare_data(out, mode, sources)
-    for name, lang in (("source", "eng"), ("helper", "deu")):
-        train(out, name, "train.py", [config_path(name), f"--data_dir={out}/data-{lang}", *mode[name],
-                                      *arch_args(args.arch, name, mode)])
+    train([(out, name, "train.py", [config_path(name), f"--data_dir={out}/data-{lang}", *mode[name],
+                                    *arch_args(args.arch, name, mode)], None)
+           for name, lang in (("source", "eng"), ("helper", "deu"))], args.jobs)
 
     for init, (description, options) in INITS.items():
         if init == "init-extend":
@@ -893,10 +950,10 @@ def main(argv=None):
         prepare_extended_data(out, mode, sources)
 
     if "study" in mode:
-        study(out, mode, args.mode, plan, regimes, seeds, tokens)
+        study(out, mode, args.mode, plan, regimes, seeds, tokens, args.jobs)
     else:
-        for name, _, init, script, extra in variants:
-            train(os.path.join(out, "runs"), name, script, target_args(out, mode, init, extra))
+        train([(os.path.join(out, "runs"), name, script, target_args(out, mode, init, extra), None)
+               for name, _, init, script, extra in variants], args.jobs)
         print("== evaluation and report")
         if "extend" in mode:
             extend_report(out, args.mode, variants, mode.get("suffix", ""))

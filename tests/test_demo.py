@@ -47,7 +47,8 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # DEMO=init at the quick size, in the same directory: the runs it shares with the demo are not trained again;
     # mean, FVT and CLP+ are
-    init = run_py(["demo.py", "--mode", "init-quick", "--out", str(tmp_path)], env=offline, timeout=900)
+    init = run_py(["demo.py", "--mode", "init-quick", "--out", str(tmp_path), "--jobs", "2"], env=offline,
+                  timeout=900)
     assert init.returncode == 0, init.stdout[-3000:] + init.stderr[-3000:]
     assert sorted(line for line in init.stdout.splitlines() if ": running" in line) == sorted(
         ["== FVT initialisation (--method fvt): running", "== CLP+ initialisation (--weighting sparsemax): running",
@@ -63,7 +64,8 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # DEMO=extend at the quick size, in the same directory: the extended init, its German token files and two runs
     # are new; the replacement run is the demo's
-    ext = run_py(["demo.py", "--mode", "extend-quick", "--out", str(tmp_path)], env=offline, timeout=900)
+    ext = run_py(["demo.py", "--mode", "extend-quick", "--out", str(tmp_path), "--jobs", "2"], env=offline,
+                 timeout=900)
     assert ext.returncode == 0, ext.stdout[-3000:] + ext.stderr[-3000:]
     assert len([line for line in ext.stdout.splitlines() if ": running" in line]) == 4, ext.stdout
     init_report = json.loads((tmp_path / "init-extend" / "clp_report.json").read_text())["extend"]
@@ -82,7 +84,8 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # DEMO=study at the quick size, in the same directory: every regime at three seeds from the demo's stages (none
     # made again), the best CLP regime repeated from CLP+ and from FVT
-    study = run_py(["demo.py", "--mode", "study-quick", "--out", str(tmp_path)], env=offline, timeout=1800)
+    study = run_py(["demo.py", "--mode", "study-quick", "--out", str(tmp_path), "--jobs", "2"], env=offline,
+                   timeout=1800)
     assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
     seeds = (42, 43, 44)
     regimes = [name for name, *_ in demo.STUDY_REGIMES]
@@ -123,6 +126,8 @@ def test_quick_demo_end_to_end(tmp_path):
     finals = [math.exp(summary(runs / "baseline" / f"seed{s}")["final_val_full_loss"]) for s in seeds]
     assert f"| {sum(finals) / 3:,.1f} ± " in report.split("| regular pre-training (one phase) |")[1].split("\n")[0]
     assert (tmp_path / "ppl_curves-study.png").stat().st_size > 10_000
+    assert "; up to 2 training runs at once (--jobs): their times include sharing the cores." in report
+    assert (runs / "et10" / "seed43.log").read_text().rstrip().endswith(f"exported {runs}/et10/seed43/hf")
 
     # the seed orders the training blocks (and draws from-scratch's start); the CLP start has no random rows; the
     # study's from-scratch at the demo's seed starts where the demo's did
@@ -144,12 +149,30 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (tmp_path / "report-study.md").read_text() == report
 
 
+def test_runs_at_once_stop_starting_at_a_failure(tmp_path, capsys):
+    """demo.py --jobs 2: two runs start together, each writing its log; when one fails, the one going finishes, no
+    other starts, and the error names the failed run's log (whose end is printed)."""
+    runs = [(str(tmp_path), name, "train.py", [f"--no_such_key_{name}=1"], None) for name in ("a", "b", "c")]
+    with pytest.raises(UserError) as failed:
+        demo.train(runs, jobs=2)
+    first = str(failed.value).split()[1]  # a and b both fail; the first to end is named
+    assert first in ("a", "b") and str(failed.value) == (f"training {first} failed (its log: {tmp_path}/{first}.log); "
+                                                         "rerun `make demo` to resume it")
+    assert sorted(os.listdir(tmp_path)) == ["a.log", "b.log"]
+    assert all(f"no_such_key_{name}" in (tmp_path / f"{name}.log").read_text() for name in ("a", "b"))
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("==")] == ["== train a: running",
+                                                                           "== train b: running"]
+    assert f"no_such_key_{first}" in err
+
+
 def test_quick_llama_demo_end_to_end(tmp_path):
     """make demo DEMO=quick ARCH=llama: the same pipeline with a Llama-shaped source and helper (GQA, SwiGLU, tied),
     so every German start is one (CLP keeps the tied matrix tied), each trains and evaluates, and CLP with the
     fallback ends below training from scratch."""
     offline = {"ELTEC_DIR": "", "DATA_URL_CACHE": str(tmp_path / "no-downloads")}
-    r = run_py(["demo.py", "--mode", "quick", "--arch", "llama", "--out", str(tmp_path)], env=offline, timeout=900)
+    r = run_py(["demo.py", "--mode", "quick", "--arch", "llama", "--out", str(tmp_path), "--jobs", "2"], env=offline,
+               timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# CLP-Transfer at toy scale (quick demo, Llama-shaped models)")
