@@ -1222,9 +1222,11 @@ def configure_optimizer(model, cfg, device_type, new_rows=None):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if new_rows:
         groups.append({"params": new_rows.params, "weight_decay": cfg.weight_decay})
-        new_rows.group = groups[-1]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type in ("cuda", "cpu"))  # one kernel per step: 12x the loop on a CPU
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device_type in ("cuda", "cpu"))  # one kernel per step: 12x the loop on a CPU
+    if new_rows:
+        new_rows.optimizer = optimizer
+    return optimizer
 
 
 def appended_rows_from(init_dir):
@@ -1250,7 +1252,7 @@ class NewRowsOnly:
         if not 0 < first < rows:
             raise UserError(f"train_new_rows_only=True: the first appended id is {first}, but the model has {rows} "
                             "embedding rows")
-        self.first, self.weight_decay, self.group, self.active = first, weight_decay, None, False
+        self.first, self.weight_decay, self.optimizer, self.active = first, weight_decay, None, False
         self.params = list({id(p): p for p in (model.input_embeddings().weight,
                                                model.output_embeddings().weight)}.values())  # one when tied
         self.keep = [self.row_mask(p) for p in self.params]
@@ -1265,8 +1267,9 @@ class NewRowsOnly:
         return distribute_tensor(keep, p.device_mesh, p.placements)
 
     def set_phase(self, embedding):
-        """The group's decay for the step: by hand (before_step) in the embedding phase, AdamW's in the full one."""
-        self.group["weight_decay"] = 0.0 if embedding else self.weight_decay
+        """The group's decay for the step: by hand (before_step) in the embedding phase, AdamW's in the full one.
+        The group is the optimizer's last, looked up here: loading a checkpoint's state replaces its dicts."""
+        self.optimizer.param_groups[-1]["weight_decay"] = 0.0 if embedding else self.weight_decay
         self.active = embedding
 
     @torch.no_grad()

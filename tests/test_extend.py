@@ -277,9 +277,12 @@ def test_new_rows_only_one_process_then_everything_trains(extended_run, tmp_path
                            safetensors_state(init)["gpt_neox.embed_in.weight"][:first])
 
 
-def test_new_rows_only_resumes_exactly(extended_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("phases", [["--embedding_tuning_frac=1.0"],
+                                    ["--embedding_tuning_frac=0.5", "--max_iters=6"]], ids=["new-rows", "then-full"])
+def test_new_rows_only_resumes_exactly(extended_run, tmp_path, monkeypatch, phases):
     """Stopped by SIGTERM inside the new-rows phase and resumed (the first appended id from the checkpoint, the
-    init's report gone): the same weights as an uninterrupted run, the source rows still the init's."""
+    init's report gone): the same weights as an uninterrupted run, the source rows still the init's; a full phase
+    after the resume decays the embedding matrices as an uninterrupted run does."""
     from conftest import stop_by_sigterm_while_reading, weights
 
     import train
@@ -287,12 +290,13 @@ def test_new_rows_only_resumes_exactly(extended_run, tmp_path, monkeypatch):
     init, _, first = extended_run
     moved = tmp_path / "init"
     shutil.copytree(init, moved)
-    run_args = new_rows_args(extended_run, tmp_path / "stopped", f"--init_from={moved}")
+    run_args = new_rows_args(extended_run, tmp_path / "stopped", f"--init_from={moved}", *phases)
     stop_by_sigterm_while_reading(monkeypatch, 8, lambda: train.main(run_args))  # during step 2
     os.remove(moved / "clp_report.json")
     train.main([*run_args, "--init_from=resume"])
-    train.main(new_rows_args(extended_run, tmp_path / "whole"))
-    check_frozen_rows(extended_run, tmp_path / "stopped")
+    train.main(new_rows_args(extended_run, tmp_path / "whole", *phases))
+    if phases == ["--embedding_tuning_frac=1.0"]:
+        check_frozen_rows(extended_run, tmp_path / "stopped")
     resumed, whole = weights(tmp_path / "stopped"), weights(tmp_path / "whole")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
