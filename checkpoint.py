@@ -19,6 +19,7 @@ import fcntl
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -366,7 +367,10 @@ def wait_for_rank0(out_dir, timeout_s):
         except OSError:
             pass
         time.sleep(0.05)
-    raise UserError(f"{path}: rank 0 did not take out_dir within {timeout_s} s (ddp_timeout_s)")
+    message = (f"{path}: rank 0 did not take out_dir within {timeout_s} s (ddp_timeout_s; is out_dir on a file "
+               "system every node shares?)")
+    print(f"error: rank {os.environ.get('RANK')}: {message}", file=sys.stderr, flush=True)  # rank 0 cannot say it
+    raise UserError(message)
 
 
 def release_out_dirs():

@@ -1078,6 +1078,7 @@ def finish(run):
     export_model = full_model_on_rank0(run.model) if rt.fsdp and cfg.export_hf else run.model  # every rank gathers
     memory = {"rank0_param_bytes": local_bytes(run.model.parameters()),  # measured, not assumed
               "rank0_optimizer_state_bytes": optimizer_state_bytes(run.optimizer)}
+    leave_process_group(rt, run.wrapped)  # the last collective is behind: the other ranks need not wait for the export
     if rt.master:
         print(f"step {state.step}: whole validation set loss {full:.4f}, ppl {exp(full):.6g}")
         assert identical is not False, "DDP ranks ended with different weights"
@@ -1096,7 +1097,6 @@ def finish(run):
                    "parallelism": cfg.parallelism if rt.distributed else "none", "sharded": rt.fsdp, **memory,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    leave_process_group(rt, run.wrapped)
 
 
 def run_is_complete(out_dir, step):

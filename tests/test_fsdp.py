@@ -6,7 +6,6 @@ rank holds; activation checkpointing gives the gradients of the plain model."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from conftest import ROOT, hf_neox, metrics, run_py, train_args
 
 import data
 import train
-from checkpoint import LOCK, RECORD, check_apart, lock_out_dir, release_out_dirs
+from checkpoint import LOCK, RECORD, check_apart, lock_out_dir, release_out_dirs, wait_for_rank0
 from clp import apply_clp
 from common import UserError, save_tokenizer
 
@@ -91,6 +90,17 @@ def test_a_holder_that_has_not_yet_named_itself_is_waited_for(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_rank_that_waits_for_rank_0_in_vain_says_so(tmp_path, monkeypatch, capsys):
+    """A rank other than 0 whose rank 0 never takes out_dir (not on a file system the nodes share) says so itself:
+    rank 0 cannot, and the others leave a failure before training without a word."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(UserError):
+        wait_for_rank0(str(tmp_path), 0.2)
+    assert capsys.readouterr().err == (f"error: rank 3: {tmp_path / LOCK}: rank 0 did not take out_dir within 0.2 s "
+                                       "(ddp_timeout_s; is out_dir on a file system every node shares?)\n")
 
 
 def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(corpus, tmp_path):
