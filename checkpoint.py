@@ -362,8 +362,9 @@ def wait_for_rank0(out_dir, timeout_s):
     while time.time() < deadline:
         try:
             with open(path) as f:
-                if f"; ready for {job}" in f.read():
-                    return
+                text = f.read()
+            if f"; ready for {job}" in text and not holder_died(text):
+                return
         except OSError:
             pass
         time.sleep(0.05)
@@ -371,6 +372,22 @@ def wait_for_rank0(out_dir, timeout_s):
                "system every node shares?)")
     print(f"error: rank {os.environ.get('RANK')}: {message}", file=sys.stderr, flush=True)  # rank 0 cannot say it
     raise UserError(message)
+
+
+def holder_died(text):
+    """Whether the lock file's text was left by a process of this host that is gone (killed before it released the
+    lock). Launches can share a name (torchrun's static rendezvous: run id 'none'; a reused --rdzv-id), so an old
+    'ready' is told from this launch's rank 0 by its pid."""
+    words = text.split(";")[0].split()  # pid N on HOST
+    if len(words) != 4 or words[2] != "on" or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        pass
+    return False
 
 
 def release_out_dirs():

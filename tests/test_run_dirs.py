@@ -15,7 +15,7 @@ from conftest import ROOT, hf_neox, metrics, run_py, train_args
 
 import data
 import train
-from checkpoint import LOCK, RECORD, check_apart, lock_out_dir, release_out_dirs, wait_for_rank0
+from checkpoint import LOCK, RECORD, check_apart, launch_id, lock_out_dir, release_out_dirs, wait_for_rank0
 from clp import apply_clp
 from common import UserError, save_tokenizer
 
@@ -101,6 +101,22 @@ def test_a_rank_that_waits_for_rank_0_in_vain_says_so(tmp_path, monkeypatch, cap
         wait_for_rank0(str(tmp_path), 0.2)
     assert capsys.readouterr().err == (f"error: rank 3: {tmp_path / LOCK}: rank 0 did not take out_dir within 0.2 s "
                                        "(ddp_timeout_s; is out_dir on a file system every node shares?)\n")
+
+
+def test_a_ready_lock_left_by_a_killed_launch_is_not_taken_for_rank_0s(tmp_path, monkeypatch):
+    """Launches can share a name (torchrun's static rendezvous: run id 'none'): the 'ready' a killed launch's rank 0
+    left in the lock file counts only while the process it names lives (on this host), so another rank waits for
+    the new rank 0."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    job = launch_id()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / LOCK).write_text(f"pid {gone.pid} on {socket.gethostname()}; ready for {job}\n")
+    with pytest.raises(UserError):
+        wait_for_rank0(str(tmp_path), 0.3)
+    (tmp_path / LOCK).write_text(f"pid {os.getpid()} on {socket.gethostname()}; ready for {job}\n")
+    wait_for_rank0(str(tmp_path), 0.3)
 
 
 def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(corpus, tmp_path):
