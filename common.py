@@ -278,8 +278,6 @@ def read_special_tokens(src, tokenizer=None):
     return found
 
 
-
-
 # -----------------------------------------------------------------------------
 # small parsers shared by the tools (torch imported only where needed: data.py runs without it)
 

@@ -484,8 +484,8 @@ def resolve_tokenizer(name, revision=None):
     path = name if os.path.isfile(name) else resolve_model_dir(name, revision, weights=False)
     tok = load_tokenizer(path)
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a document boundary
-    eos = read_special_tokens(path).get("eos_token") if os.path.isdir(path) else "<|endoftext|>"
-    eos_id = tok.token_to_id(eos) if eos else None
+    eos = read_special_tokens(path, tok).get("eos_token") or "<|endoftext|>"  # a file's: from the config beside it
+    eos_id = tok.token_to_id(eos)
     if eos_id is None:
         raise UserError(f"{name}: the tokenizer has no end-of-text token (no eos_token in its tokenizer_config.json "
                         "or special_tokens_map.json, and no <|endoftext|>)")

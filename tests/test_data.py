@@ -238,6 +238,9 @@ def test_real_tokenizers_frame_documents_as_they_frame_a_text(tmp_path, request,
     else:
         assert [ids[0] for ids in framed] == [bos] * len(GERMAN)
     assert data.load_meta(tmp_path / "out")["framing"] == meta["framing"]
+    if os.path.isfile(os.path.join(tok_path, "tokenizer.json")):  # named as a file: the same end-of-text token
+        by_file = prep(src, tmp_path / "by-file", os.path.join(tok_path, "tokenizer.json"), validation_sources=[src])
+        assert by_file["framing"] == meta["framing"]
 
 
 def test_bos_once_per_document_also_when_it_comes_in_pieces(tmp_path, monkeypatch, bos_tokenizer):
