@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, atomic_dir, check_device, load_tokenizer, read_json, read_special_tokens,
-                    resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_errors,
-                    write_json)
+from common import (UserError, atomic_dir, check_device, in_context, load_tokenizer, read_json,
+                    read_special_tokens, resolve_model_dir, round_up, run_cli, save_tokenizer, sha256_file,
+                    tokenizer_sha256, write_errors, write_json)
 from model import CausalLM, read_weights, weight_files
 
 WEIGHTINGS = ("dense", "topk", "sparsemax")
@@ -353,42 +353,6 @@ def token_bytes(tok, vocab=None):
     secondary = frozenset(vocab[t] for t in added if t in vocab) | frozenset(
         i for t, i in vocab.items() if convention.byte_fallback and BYTE_FALLBACK_TOKEN.fullmatch(t))
     return TokenBytes(convention, keys, secondary)
-
-
-def without_prefix(spec):
-    """A normaliser's or pre-tokenizer's JSON without the space or word-start marker it puts before a whole text (a
-    Prepend normaliser, Metaspace's prepend_scheme, ByteLevel's add_prefix_space). Returns (JSON, whether it
-    changed)."""
-    if spec is None or spec["type"] == "Prepend":
-        return None, spec is not None
-    spec, changed = dict(spec), False
-    for key in ("normalizers", "pretokenizers"):
-        if key in spec:
-            parts = [without_prefix(p) for p in spec[key]]
-            spec[key] = [p for p, _ in parts if p is not None]
-            changed |= any(c for _, c in parts)
-    if spec["type"] == "Metaspace" and (spec.get("prepend_scheme", "always") != "never"
-                                        or spec.get("add_prefix_space")):
-        spec.pop("add_prefix_space", None)
-        spec["prepend_scheme"], changed = "never", True
-    if spec["type"] == "ByteLevel" and spec.get("add_prefix_space"):
-        spec["add_prefix_space"], changed = False, True
-    return spec, changed
-
-
-def in_context(tok):
-    """The tokenizer that splits a piece of text as `tok` splits it inside a longer text: without the space or
-    word-start marker `tok` puts before a whole text (SentencePiece's dummy prefix: ' Haus' -> ▁Haus, not
-    ▁ + ▁Haus; 'haus' -> pieces of haus, not ▁haus). `tok` itself when it puts none."""
-    from tokenizers import Tokenizer
-
-    components = (tok.normalizer, tok.pre_tokenizer)
-    if not any(without_prefix(json.loads(c.__getstate__()))[1] for c in components if c is not None):
-        return tok
-    spec = json.loads(tok.to_str())
-    for name in ("normalizer", "pre_tokenizer"):
-        spec[name] = without_prefix(spec[name])[0]
-    return Tokenizer.from_str(json.dumps(spec))
 
 
 # -----------------------------------------------------------------------------

@@ -219,6 +219,42 @@ def load_tokenizer(path):
     raise UserError(f"{path}: no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt)")
 
 
+def without_prefix(spec):
+    """A normaliser's or pre-tokenizer's JSON without the space or word-start marker it puts before a whole text (a
+    Prepend normaliser, Metaspace's prepend_scheme, ByteLevel's add_prefix_space). Returns (JSON, whether it
+    changed)."""
+    if spec is None or spec["type"] == "Prepend":
+        return None, spec is not None
+    spec, changed = dict(spec), False
+    for key in ("normalizers", "pretokenizers"):
+        if key in spec:
+            parts = [without_prefix(p) for p in spec[key]]
+            spec[key] = [p for p, _ in parts if p is not None]
+            changed |= any(c for _, c in parts)
+    if spec["type"] == "Metaspace" and (spec.get("prepend_scheme", "always") != "never"
+                                        or spec.get("add_prefix_space")):
+        spec.pop("add_prefix_space", None)
+        spec["prepend_scheme"], changed = "never", True
+    if spec["type"] == "ByteLevel" and spec.get("add_prefix_space"):
+        spec["add_prefix_space"], changed = False, True
+    return spec, changed
+
+
+def in_context(tok):
+    """The tokenizer that splits a piece of text as `tok` splits it inside a longer text: without the space or
+    word-start marker `tok` puts before a whole text (SentencePiece's dummy prefix: ' Haus' -> ▁Haus, not
+    ▁ + ▁Haus; 'haus' -> pieces of haus, not ▁haus). `tok` itself when it puts none."""
+    from tokenizers import Tokenizer
+
+    components = (tok.normalizer, tok.pre_tokenizer)
+    if not any(without_prefix(json.loads(c.__getstate__()))[1] for c in components if c is not None):
+        return tok
+    spec = json.loads(tok.to_str())
+    for name in ("normalizer", "pre_tokenizer"):
+        spec[name] = without_prefix(spec[name])[0]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def tokenizer_sha256(path, tokenizer=None):
     """Identity of a tokenizer: sha256 of its tokenizer.json file, or for a vocab.json + merges.txt pair, of the
     tokenizer.json that `save_tokenizer` writes for it. Token files and models carry it so they cannot be mixed up.

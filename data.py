@@ -56,7 +56,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from common import (UserError, atomic_dir, atomic_path, load_tokenizer, read_json, read_special_tokens,
+from common import (UserError, atomic_dir, atomic_path, in_context, load_tokenizer, read_json, read_special_tokens,
                     resolve_model_dir, run_cli, save_tokenizer, sha256_file, tokenizer_sha256, write_errors,
                     write_json)
 
@@ -251,7 +251,8 @@ WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 def _txt_pieces(f, stats, path):
     """A whole .txt file as one document, in pieces of about PIECE_BYTES: Piece, Piece, ..., str. Each cut follows a
     newline that a non-space character follows, where a byte-level BPE's pre-tokenizer (GPT-2, GPT-NeoX) splits
-    anyway: the pieces tokenized one after the other give the whole document's ids (a test checks it)."""
+    anyway: the pieces tokenized one after the other (a later one as inside a text: encode_items) give the whole
+    document's ids (a test checks it, for a byte-level BPE and for SentencePiece)."""
     pending, rest = None, b""
     while block := f.read(PIECE_BYTES):
         buf = rest + block
@@ -593,11 +594,13 @@ def write_tokens(items, tok, framing, dtype, out_dir, batch_bytes=MiB, progress=
     bar = tqdm(total=progress if progress is not True else None, unit="B", unit_scale=True, unit_divisor=1024,
                desc="tokenizing", disable=None if progress else True, file=sys.stderr)
     bos_id, eos_id = framing["bos_token_id"], framing["eos_token_id"]
+    within = in_context(tok)  # a document's later pieces: without the word-start marker put before a whole text
+    within.encode_special_tokens = tok.encode_special_tokens
     start, tokens, at_start = time.time(), 0, True  # at_start: the next item begins a document
     try:
         for split, docs, size in prefetch(batches(items, batch_bytes)):
             ids, ends = [], 0
-            for doc, enc in zip(docs, tok.encode_batch_fast(docs, add_special_tokens=False)):
+            for doc, enc in zip(docs, encode_items(tok, within, docs, at_start)):
                 if at_start and bos_id is not None:
                     ids.append(bos_id)
                 ids += enc.ids
@@ -619,6 +622,21 @@ def write_tokens(items, tok, framing, dtype, out_dir, batch_bytes=MiB, progress=
             f.close()
         bar.close()
     return counts
+
+
+def encode_items(tok, within, docs, at_start):
+    """The ids of a batch of items: a document or its first piece as `tok` encodes a text, a later piece of a
+    document as `within` (in_context) encodes it, so that the pieces give the whole text's ids (SentencePiece's
+    word-start marker, put before every text, is not there inside one). at_start: the first item begins a document."""
+    starts = []
+    for doc in docs:
+        starts.append(at_start)
+        at_start = not isinstance(doc, Piece)
+    if within is tok or all(starts):
+        return tok.encode_batch_fast(docs, add_special_tokens=False)
+    first = iter(tok.encode_batch_fast([d for d, s in zip(docs, starts) if s], add_special_tokens=False))
+    later = iter(within.encode_batch_fast([d for d, s in zip(docs, starts) if not s], add_special_tokens=False))
+    return [next(first) if s else next(later) for s in starts]
 
 
 def train_tokenizer_on(docs, vocab_size, out_dir, progress=False):

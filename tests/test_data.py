@@ -162,12 +162,12 @@ def test_dtype_follows_the_largest_id_not_the_count(tmp_path):
     assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint32").tolist() == [1, 70000, 0]
 
 
-def test_long_txt_file_in_pieces_tokenizes_as_a_whole(tmp_path, monkeypatch, real_tokenizers):
+@pytest.mark.parametrize("name,eos", [("pythia", 0), ("mistral", 2)])
+def test_long_txt_file_in_pieces_tokenizes_as_a_whole(tmp_path, monkeypatch, request, real_tokenizers, name, eos):
     """A .txt file far larger than a piece (here 4 KiB) is one document: its pieces, tokenized one after the other
-    with the real Pythia tokenizer, give exactly the ids of the whole text, one end-of-text token, one document;
-    train/val never split it, and iter_documents gives it back whole."""
-    from tokenizers import Tokenizer
-
+    with a real tokenizer (Pythia's byte-level BPE; Mistral's SentencePiece, which puts a word-start marker and BOS
+    before a text), give exactly the ids of the whole text, one end-of-text token, one document; train/val never
+    split it, and iter_documents gives it back whole."""
     monkeypatch.setattr(data, "PIECE_BYTES", 4096)
     novel = list(data.iter_documents(os.path.join(ELTEC, "deu", "DEU062.xml.gz")))[0][:60_000]
     # white space of every kind around the line ends: indented lines, blank lines, tabs, CRLF, a trailing space
@@ -175,18 +175,20 @@ def test_long_txt_file_in_pieces_tokenizes_as_a_whole(tmp_path, monkeypatch, rea
     text = text.replace("! ", "!\r\n", 20) + " \n"
     (tmp_path / "novel.txt").write_text(text, encoding="utf-8")
     (tmp_path / "short.txt").write_text("Ein kurzes Dokument.", encoding="utf-8")
-    tok_dir = tmp_path / "pythia"
-    tok_dir.mkdir()
-    tok_file = real_tokenizers["pythia"]
-    (tok_dir / "tokenizer.json").write_bytes(open(tok_file, "rb").read())
+    if name == "pythia":
+        tok_dir = tmp_path / "pythia"
+        tok_dir.mkdir()
+        (tok_dir / "tokenizer.json").write_bytes(open(real_tokenizers["pythia"], "rb").read())
+    else:
+        tok_dir = request.getfixturevalue("mistral_tokenizer")
     pieces = list(data.documents(data.open_sources(str(tmp_path / "novel.txt"))))
     assert len(pieces) > 10 and all(isinstance(p, data.Piece) for p in pieces[:-1])
     assert not isinstance(pieces[-1], data.Piece) and "".join(pieces) == text
     assert list(data.iter_documents(str(tmp_path / "novel.txt"))) == [text]
     meta = prep([str(tmp_path / "novel.txt"), str(tmp_path / "short.txt")], tmp_path / "out", tok_dir,
                 subsample_size_mb=1 / MiB, valid_percent=1)  # train's budget ends inside the novel
-    whole = Tokenizer.from_file(tok_file).encode(text, add_special_tokens=False).ids
-    assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint16").tolist() == whole + [0]
+    whole = load_tokenizer(str(tok_dir)).encode(text).ids
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype="uint16").tolist() == whole + [eos]
     assert meta["splits"]["train"]["documents"] == 1 and meta["splits"]["val"]["documents"] == 1
     assert meta["splits"]["train"]["bytes"] == len(text.encode())
 
