@@ -143,12 +143,19 @@ def make_lm(model, tokenizer, max_length=None, batch_size=8, prefix_token_id=Non
 # scoring: summed log-probabilities of token windows, batched
 
 
+SCORE_CHUNK = 1024  # positions whose logits exist at once: 0.5 GB of fp32 at a 128k vocabulary, not (T, V)
+
+
 @torch.no_grad()
 def score_windows(lm, windows, bar=None):
     """For each window (tokens, n): the summed log p(token | the tokens before it in the window) over its last n
     tokens; a window holds at most max_length + 1 tokens (the model reads all but the last). Longest first, one
-    forward per batch, padded on the right (causal attention: padding never reaches a scored position)."""
+    forward per batch, padded on the right (causal attention: padding never reaches a scored position); the head
+    applied to the scored positions only, SCORE_CHUNK at a time (a 32k-token window's full logits at a 150k
+    vocabulary would be 20 GB)."""
     device = next(lm.model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=lm.autocast_dtype, enabled=lm.autocast_dtype is not None)
+    head = lm.model.output_embeddings()
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     sums = [0.0] * len(windows)
     for start in range(0, len(order), lm.batch_size):
@@ -157,15 +164,20 @@ def score_windows(lm, windows, bar=None):
         for row, i in enumerate(batch):
             tokens = windows[i][0]
             idx[row, :len(tokens) - 1] = torch.tensor(tokens[:-1])
-        with torch.autocast(device.type, dtype=lm.autocast_dtype, enabled=lm.autocast_dtype is not None):
-            logits, _ = lm.model(idx.to(device))
+        with autocast:
+            hidden = lm.model.hidden_states(idx.to(device))
         rows = []
         for row, i in enumerate(batch):
             tokens, n = windows[i]
             T = len(tokens) - 1
             targets = torch.tensor(tokens[T - n + 1:], device=device)
-            logp = F.log_softmax(logits[row, T - n:T].float(), dim=-1)
-            rows.append(logp.gather(-1, targets[:, None]).double().sum())
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for lo in range(0, n, SCORE_CHUNK):  # the scored positions' logits, a chunk at a time
+                with autocast:
+                    logits = head(hidden[row, T - n + lo:T - n + lo + SCORE_CHUNK])
+                logp = F.log_softmax(logits.float(), dim=-1)
+                total += logp.gather(-1, targets[lo:lo + SCORE_CHUNK, None]).double().sum()
+            rows.append(total)
         for i, s in zip(batch, torch.stack(rows).tolist()):
             sums[i] = s
         if bar is not None:

@@ -593,12 +593,17 @@ class CausalLM(nn.Module):
     def forward(self, idx, targets=None):
         """(logits (B, T, V), None) for every position; with targets (B, T), (None, the mean cross-entropy, ignore
         index -100), computed without holding the full logits (Head)."""
+        out = self.output_embeddings()(self.hidden_states(idx), targets)
+        return (out, None) if targets is None else (None, out)
+
+    def hidden_states(self, idx):
+        """What the head reads (B, T, n_embd), after the final norm: for callers that need only some positions'
+        logits (eval.py scores long windows without their full (T, V) logits)."""
         x = self.input_embeddings()(idx)
         cos, sin = self.rotary_tables(idx.shape[1], idx.device)
         for block in self.blocks():
             x = block(x, cos, sin)
-        out = self.output_embeddings()(self.final_norm()(x), targets)
-        return (out, None) if targets is None else (None, out)
+        return self.final_norm()(x)
 
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding=True leaves out the input and output embeddings (the Pythia cards'

@@ -71,8 +71,11 @@ def test_rolling_windows_are_the_harness_windows():
     assert ev.rolling_windows([7], 0, 4) == [([0, 7], 1)] and ev.rolling_windows([], 0, 4) == []
 
 
-@pytest.mark.parametrize("stride", [None, 12])
-def test_perplexity_sums_match_transformers(tiny, long_doc, stride):
+@pytest.mark.parametrize("stride,score_chunk", [(None, ev.SCORE_CHUNK), (12, ev.SCORE_CHUNK), (None, 5)])
+def test_perplexity_sums_match_transformers(tiny, long_doc, stride, score_chunk, monkeypatch):
+    """Summed over the harness's windows, the same NLL as transformers token by token; also with each window's
+    logits made a few positions at a time (score_chunk 5: how a long window is scored without its full logits)."""
+    monkeypatch.setattr(ev, "SCORE_CHUNK", score_chunk)
     path, ref, model, tok = tiny
     docs = SHORT + [long_doc]
     ids = [tok.encode(d, add_special_tokens=False).ids for d in docs]
