@@ -16,8 +16,9 @@ Parts (PARTS), most valuable first; each is skipped, saying so, when the time le
                      phase, the batch-1 step time
     train_410m       the same at Pythia-410m's shape
     memory_model     bench.py's memory model (what_fits) against torch.cuda.max_memory_allocated of train_410m
-    fsdp_resume      torchrun, one process, NCCL: FSDP2 with compile and activation checkpointing, DCP checkpoints,
-                     killed (SIGKILL) after its first checkpoint and resumed to the end, the steps both ran agreeing
+    fsdp_resume      one rank (torchrun's worker environment), NCCL: FSDP2 with compile and activation checkpointing,
+                     DCP checkpoints, killed (SIGKILL) after its first checkpoint and resumed to the end, the steps
+                     both ran agreeing
     eval_clp         eval.py (perplexity) and clp.py on the device against the same on the CPU
     float16          a float16 run with an overflowing step: skipped by the GradScaler, its scale halved, training on
 """
@@ -216,7 +217,7 @@ def memory_model(c):
 
 
 # -----------------------------------------------------------------------------
-# FSDP under torchrun: compile, activation checkpointing, DCP, a kill, a resume
+# FSDP in a process group of one: compile, activation checkpointing, DCP, a kill, a resume
 
 
 def fsdp_resume(c):
@@ -224,16 +225,17 @@ def fsdp_resume(c):
 
     out = c.path("fsdp")
     shape, block, steps = (TOY, 32, 16) if c.dry_run else (dict(PYTHIA_160M, n_layer=4), 512, 40)
-    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-            f"--data_dir={synthetic_data(c, c.vocab)}", f"--out_dir={out}", "--init_from=scratch",
+    argv = ["train.py", f"--data_dir={synthetic_data(c, c.vocab)}", f"--out_dir={out}", "--init_from=scratch",
             *[f"--{k}={v}" for k, v in shape.items()], f"--block_size={block}", "--batch_size=4",
             "--gradient_accumulation_steps=1", f"--max_iters={steps}", "--eval_interval=4", "--eval_iters=1",
             "--eval_at_start=False", "--embedding_tuning_frac=0.25", "--parallelism=fsdp",
             "--activation_checkpointing=True", f"--dtype={c.dtype}", f"--device={c.device}",
             *(() if c.dry_run else ("--compile=True", "--backend=nccl"))]
     c.log.flush()
+    # rank 0 of one, started as torchrun starts its worker: the kill must reach the trainer itself (torchrun runs
+    # its worker in a session of its own, out of reach of a kill of the launcher's group)
     killed = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=c.log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **one_rank_env()}, start_new_session=True)
     record = os.path.join(out, "checkpoint.json")  # written once the first checkpoint is complete
     while killed.poll() is None and time.time() < c.deadline and not os.path.exists(record):
         time.sleep(0.01)
@@ -243,9 +245,10 @@ def fsdp_resume(c):
     assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill (exit {killed.returncode})"
     before = {r["step"]: r["loss"] for r in read_metrics(out) if "lr" in r}
     saved = int(latest_sharded(os.path.join(out, SHARDED)).rsplit("-", 1)[1])
-    r = c.run([*argv, "--init_from=resume"], timeout=max(30.0, c.deadline - time.time()))
+    r = c.run([*argv, "--init_from=resume"], env=one_rank_env(), timeout=max(30.0, c.deadline - time.time()))
     assert r.returncode == 0, f"resume exited {r.returncode} (the log has its output)"
     after = {r["step"]: r["loss"] for r in read_metrics(out) if "lr" in r}
+    assert saved < steps, f"the checkpoint it resumed from is the last step's ({saved}): nothing was resumed"
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     again = sorted(set(before) & set(after) - set(range(saved + 1)))  # taken before the kill and again after
@@ -256,6 +259,17 @@ def fsdp_resume(c):
     assert latest_sharded(os.path.join(out, SHARDED)).endswith(f"step-{steps:08d}"), figures
     assert figures["max_loss_diff"] is None or figures["max_loss_diff"] <= 0.02, figures
     return figures
+
+
+def one_rank_env():
+    """The environment torchrun gives its one worker (a process group of one, on a free port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
 
 
 def read_metrics(out):
@@ -278,6 +292,9 @@ def eval_clp(c):
     from common import load_tokenizer, round_up, save_tokenizer
     from data import read_tei, train_bpe
     from model import GPTNeoX, GPTNeoXConfig
+
+    # as eval.py and clp.py run on their own: fp32 matmuls in fp32 (the training parts switched TF32 on)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     source, helper = c.path("eval-source"), c.path("eval-helper")
     os.makedirs(helper, exist_ok=True)

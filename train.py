@@ -830,6 +830,8 @@ def train_loop(run):
     reader = StepBatches(run.train_data, rt, run.model.config.vocab_size)
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not rt.master, dynamic_ncols=True, unit="step",
                mininterval=1.0)
+    if rt.device_type == "cuda":  # the first phase's peak is the run's own, not an earlier run's in this process
+        torch.cuda.reset_peak_memory_stats(rt.device)
     verify_grads = False  # after a switch, until a step updates: every trainable parameter got a gradient
     first_step = True  # the first step after the model was (re)built: compile, allocator warm-up
     start_step = state.step
