@@ -298,11 +298,12 @@ def lock_out_dir(out_dir):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = read_holder(f) if e.errno in (errno.EWOULDBLOCK, errno.EACCES) else ""
-        f.close()
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            holder = read_holder(f)
+            f.close()
             raise UserError(f"out_dir={out_dir!r} is in use by {holder or 'another process'} (its {LOCK}): one run "
                             "per directory; wait for that run to end or stop it, or choose another out_dir") from None
+        f.close()
         print(f"warning: {path}: cannot lock it ({e.strerror}): nothing stops a second run into {out_dir}")
     _held[key] = f
     say_holder(f)
@@ -314,10 +315,15 @@ def read_holder(f, wait_s=2.0):
     deadline = time.monotonic() + wait_s
     while True:
         f.seek(0)
-        holder = f.read().split(";")[0].strip()
+        holder = holder_name(f.read())
         if holder or time.monotonic() > deadline:
             return holder
         time.sleep(0.02)
+
+
+def holder_name(text):
+    """'pid N on HOST' of the lock file's text (say_holder's)."""
+    return text.split(";")[0].strip()
 
 
 def say_holder(f, ready=False):
@@ -378,7 +384,7 @@ def holder_died(text):
     """Whether the lock file's text was left by a process of this host that is gone (killed before it released the
     lock). Launches can share a name (torchrun's static rendezvous: run id 'none'; a reused --rdzv-id), so an old
     'ready' is told from this launch's rank 0 by its pid."""
-    words = text.split(";")[0].split()  # pid N on HOST
+    words = holder_name(text).split()  # pid N on HOST
     if len(words) != 4 or words[2] != "on" or words[3] != socket.gethostname():
         return False
     try:

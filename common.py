@@ -252,7 +252,9 @@ def in_context(tok):
     spec = json.loads(tok.to_str())
     for name in ("normalizer", "pre_tokenizer"):
         spec[name] = without_prefix(spec[name])[0]
-    return Tokenizer.from_str(json.dumps(spec))
+    within = Tokenizer.from_str(json.dumps(spec))
+    within.encode_special_tokens = tok.encode_special_tokens  # a setting, not in the JSON
+    return within
 
 
 def tokenizer_sha256(path, tokenizer=None):

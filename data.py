@@ -595,7 +595,6 @@ def write_tokens(items, tok, framing, dtype, out_dir, batch_bytes=MiB, progress=
                desc="tokenizing", disable=None if progress else True, file=sys.stderr)
     bos_id, eos_id = framing["bos_token_id"], framing["eos_token_id"]
     within = in_context(tok)  # a document's later pieces: without the word-start marker put before a whole text
-    within.encode_special_tokens = tok.encode_special_tokens
     start, tokens, at_start = time.time(), 0, True  # at_start: the next item begins a document
     try:
         for split, docs, size in prefetch(batches(items, batch_bytes)):

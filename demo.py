@@ -374,7 +374,7 @@ def report(out, mode_name, variants=VARIANTS, suffix="", arch="gpt_neox"):
         start = word_ppl(out, os.path.join(out, init), os.path.join(out, "heldout-deu"), init, block)
         end = word_ppl(out, os.path.join(run_dir, "hf"), os.path.join(out, "heldout-deu"), f"final-{name}", block)
         rows.append(dict(name=name, label=label, start=start, end=end, curve=curves[label],
-                         seconds=read_json(os.path.join(run_dir, "demo_wall_time.json"))["seconds"],
+                         **wall_time(run_dir),
                          train_seconds=sum(p["seconds"] for p in summary["phases"].values()),
                          peak_mb=summary["peak_rss_mb"], tokens=summary["tokens"]))
     scratch_final = rows[0]["curve"][-1][1]
@@ -396,7 +396,7 @@ def report(out, mode_name, variants=VARIANTS, suffix="", arch="gpt_neox"):
     lines += ["", stages_line(out, "init-clp")]
     if any(v[2] == "init-fvt" for v in variants):
         lines.append(f"FVT: {fvt_report_summary(read_json(os.path.join(out, 'init-fvt', 'clp_report.json')))}.")
-    lines.append(f"Machine: {machine_line(os.path.join(out, 'runs', v[0]) for v in variants)}.")
+    lines.append(f"Machine: {machine_line(max(r['jobs'] for r in rows))}.")
     write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, {label: [curve] for label, curve in curves.items()}, f"ppl_curves{suffix}.png")
@@ -489,10 +489,14 @@ def fvt_report_summary(r):
             f"pieces on average ({hist}; {r['fvt']['split_byte_by_byte']:,} byte by byte)")
 
 
-def machine_line(run_dirs=()):
-    """The machine; and, when some of the runs trained beside others (demo.py --jobs), how many at once."""
+def wall_time(run_dir):
+    """{"seconds": a run's wall time, "jobs": how many runs demo.py let train at once beside it}."""
+    return {"jobs": 1, **read_json(os.path.join(run_dir, "demo_wall_time.json"))}
+
+
+def machine_line(jobs=1):
+    """The machine; and, when runs trained beside others (demo.py --jobs: the most at once), how many."""
     m = machine()
-    jobs = max([read_json(os.path.join(d, "demo_wall_time.json")).get("jobs", 1) for d in run_dirs] + [1])
     return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (
         f"; up to {jobs} training runs at once (--jobs): their times include sharing the cores" if jobs > 1 else "")
 
@@ -629,11 +633,12 @@ def study_result(out, run, block):
     summary = read_json(os.path.join(run["dir"], "summary.json"))
     key = "final-" + os.path.relpath(run["dir"], os.path.join(out, "runs")).replace(os.sep, "-")
     held = word_ppl(out, os.path.join(run["dir"], "hf"), os.path.join(out, "heldout-deu"), key, block)
+    wall = wall_time(run["dir"])
     return dict(run, curve=read_curve(run["dir"]), summary=summary, peak_rss=summary["peak_rss_mb"],
                 final_ppl=math.inf if summary["final_val_full_loss"] is None else
                 math.exp(summary["final_val_full_loss"]),
-                word_ppl=held["word_perplexity"], bits_per_byte=held["bits_per_byte"],
-                wall=read_json(os.path.join(run["dir"], "demo_wall_time.json"))["seconds"])
+                word_ppl=held["word_perplexity"], bits_per_byte=held["bits_per_byte"], wall=wall["seconds"],
+                jobs=wall["jobs"])
 
 
 def add_reach(results):
@@ -855,7 +860,7 @@ def study_report(out, mode_name, results, best, tokens, seeds, suffix):
     wall = sum(r["wall"] for r in results.values())
     lines += ["", f"{stages_line(out, 'init-clp-guarded')} The study's {len(results)} runs: {wall / 60:,.1f} "
                   f"minutes of wall time together (training, evaluation and export; eval.py on the held-out novels "
-                  f"and this report not counted). Machine: {machine_line(r['dir'] for r in results.values())}."]
+                  f"and this report not counted). Machine: {machine_line(max(r['jobs'] for r in results.values()))}."]
     write_text(os.path.join(out, f"report{suffix}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, {label(name): [[(t, p) for t, p, _ in r["curve"]] for r in runs] for name, runs in regimes.items()},
